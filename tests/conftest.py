@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,6 +15,13 @@ CORPUS = [
     "Hello there! How are you doing today? I am fine, thank you.",
     "good bad great terrible wonderful awful yes no maybe",
 ] * 20
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path, monkeypatch):
+    """Keep the datasets cache and dpokit's reference-log-prob cache out of the home directory."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "dpokit-cache"))
 
 
 @pytest.fixture(scope="session")

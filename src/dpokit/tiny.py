@@ -35,8 +35,8 @@ def build_tiny_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``; optionally save it with ``save_pretrained``.
 
-    ``add_bos=True`` makes it prepend ``<s>`` to every encoding, as Llama tokenizers do, so code that
-    must avoid a double BOS can be tested against it.
+    ``add_bos=True`` makes it prepend ``<s>`` to every encoding, as Llama tokenizers do, so code
+    that must avoid a double BOS can be tested against it.
     """
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

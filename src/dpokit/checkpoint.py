@@ -1,0 +1,77 @@
+"""Atomic checkpoints: written to a temporary directory, marked complete, then renamed.
+
+A run killed during a save leaves a ``.tmp-*`` directory without the ``COMPLETE`` marker; resume
+ignores it (with a message) and takes the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int
+) -> Path:
+    """Save model, optimizer, registered objects (scheduler) and every process's RNG state."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / MARKER).write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete ones are reported and skipped."""
+    found = []
+    if not root.is_dir():
+        return found
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if path.name.startswith(".tmp-"):
+            logger.warning("ignoring %s: a save that did not finish (killed during save?)", path)
+        elif match and (path / MARKER).exists():
+            found.append((int(match.group(1)), path))
+        elif match:
+            logger.warning("ignoring %s: no %s marker, the save did not finish", path, MARKER)
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    complete = complete_checkpoints(checkpoint_root(output_dir))
+    return complete[-1] if complete else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text())

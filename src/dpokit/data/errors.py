@@ -1,0 +1,40 @@
+"""The one exception the data package raises for bad input, with where the problem is."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data: names the source (file path or a description) and, when known, the row.
+
+    ``row`` is the 1-based line number for JSON-lines files (``row_kind == "line"``) and the
+    0-based row index for everything else (``row_kind == "row"``); ``None`` when the problem is not
+    one row's.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        source: str | None = None,
+        row: int | None = None,
+        row_kind: str = "row",
+    ) -> None:
+        self.message = message
+        self.source = source
+        self.row = row
+        self.row_kind = row_kind
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = [part for part in (self.source, self._row_text()) if part]
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+    def _row_text(self) -> str | None:
+        return None if self.row is None else f"{self.row_kind} {self.row}"
+
+    def __reduce__(self):
+        # Errors raised in `datasets.map` worker processes are pickled back to the parent.
+        return (DataError, (self.message, self.source, self.row, self.row_kind))
+
+
+class InvalidRow(ValueError):
+    """Raised by normalizers and the encoder for one row; the caller adds source and row."""

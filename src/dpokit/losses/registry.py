@@ -1,0 +1,637 @@
+"""The method table: every method as data, so the engine never needs ``if method == ...``.
+
+A :class:`MethodSpec` says what a method computes (its loss function and an adapter ``compute``
+that picks its inputs from :class:`~dpokit.losses.base.LossInputs`), which hyperparameters it takes
+(with defaults, types and valid ranges), and what the engine must provide around it: a reference
+model, per-token averages, token-level KL, scores, a data format and a procedure.
+
+Notation in formulas: ``nls(z) = -log sigmoid(z)``, ``rho = logp(y) - ref(y)`` (summed over
+completion tokens), ``h = rho_w - rho_l``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from torch import Tensor
+
+from dpokit.losses.base import (
+    LossInputs,
+    LossOutput,
+    check_choice,
+    check_range,
+    describe_range,
+)
+from dpokit.losses.dpo import dpo_loss
+from dpokit.losses.dpop import dpop_loss
+from dpokit.losses.ipo import ipo_loss
+from dpokit.losses.kto import kto_loss
+from dpokit.losses.odpo import odpo_loss, odpo_offsets
+from dpokit.losses.rdpo import rdpo_loss
+from dpokit.losses.simpo import simpo_loss
+from dpokit.losses.slic import slic_loss
+from dpokit.losses.spin import spin_loss
+from dpokit.losses.tdpo import tdpo_loss
+
+REFERENCE_KINDS = ("none", "logps", "online")
+DATA_KINDS = ("pairs", "unpaired", "sft", "multiturn_pairs")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter of a method: default, type, help text and valid values.
+
+    ``type`` is ``float``, ``int``, ``bool`` or ``str``. Numbers may have a range (``low``/``high``,
+    ``low_open``/``high_open`` for exclusive ends); strings may have ``choices``.
+    """
+
+    default: Any
+    type: type
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        """``"float > 0"``, ``"float in [0, 0.5)"``, ``"one of 'a', 'b'"``, ``"bool"``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.type in (float, int) and (self.low is not None or self.high is not None):
+            interval = describe_range(
+                self.low, self.high, low_open=self.low_open, high_open=self.high_open
+            )
+            return f"{self.type.__name__} {interval}"
+        return self.type.__name__
+
+    def parse(self, name: str, value: Any) -> Any:
+        """Convert ``value`` (a CLI string like ``"0.2"``/``"true"`` included) and check it.
+
+        Raises ``ValueError`` naming ``name`` and the valid values.
+        """
+        converted = _convert(value, self.type)
+        if converted is None:
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        if self.choices is not None:
+            check_choice(name, converted, self.choices)
+        elif self.type in (float, int):
+            if not math.isfinite(converted):
+                raise ValueError(f"{name} must be a finite {self.describe()}, got {value!r}")
+            check_range(
+                name,
+                converted,
+                self.low,
+                self.high,
+                low_open=self.low_open,
+                high_open=self.high_open,
+            )
+        return converted
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or ``None`` when it cannot be (bools are never numbers)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, numbers.Integral) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        return None
+    if kind is str:
+        return value.strip().lower() if isinstance(value, str) else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, numbers.Real):
+        return None
+    if kind is int:
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method table. See the module docstring for the notation of ``formula``.
+
+    Attributes:
+        name: the table key (``"dpo"``, ``"segment_dpo"``, ...).
+        title: human name, e.g. ``"DPO-Positive (Smaug)"``.
+        paper: authors, year and arXiv id.
+        formula: one-line ASCII equation of the per-example loss.
+        loss: the public pure loss function.
+        compute: ``compute(inputs, hyperparameters) -> LossOutput``; picks its inputs from the
+            :class:`LossInputs`, fills default hyperparameters, converts and checks the given ones.
+        hyperparameters: name -> :class:`Hyperparameter`.
+        reference: ``"none"``; ``"logps"`` (sequence log-probs, online or pre-computed); or
+            ``"online"`` (full-vocabulary reference logits every step, for token-level KL).
+        averaged_logps: the loss takes per-token averaged policy log-probs (SimPO). IPO's
+            averaging is its ``average`` hyperparameter instead.
+        token_kl: needs ``chosen_seq_kl`` / ``rejected_seq_kl`` (TDPO).
+        scores: needs ``score_chosen`` / ``score_rejected`` (ODPO).
+        data: ``"pairs"``, ``"unpaired"`` (KTO), ``"sft"`` (SPIN) or ``"multiturn_pairs"``.
+        procedure: label of what the engine runs around the loss, or ``None``: ``"kto_baseline"``
+            (z0 from mismatched pairs), ``"spin"`` (generate/train rounds), ``"stepwise"`` (chunks
+            with a moving reference), ``"segment"`` (segment masks), ``"slic_target"`` (y_ref).
+    """
+
+    name: str
+    title: str
+    paper: str
+    formula: str
+    loss: Callable[..., LossOutput]
+    compute: Callable[[LossInputs, Mapping[str, Any]], LossOutput]
+    hyperparameters: Mapping[str, Hyperparameter]
+    reference: str
+    averaged_logps: bool
+    token_kl: bool
+    scores: bool
+    data: str
+    procedure: str | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """Default value of every hyperparameter."""
+        return {name: hp.default for name, hp in self.hyperparameters.items()}
+
+
+def resolve_hyperparameters(
+    spec: MethodSpec, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """All of ``spec``'s hyperparameters: defaults, replaced by ``overrides`` converted and checked.
+
+    Keys may use ``-`` for ``_``. Raises ``ValueError`` on an unknown key (listing the valid ones)
+    or a value of the wrong type or out of range (giving the valid range), so configuration errors
+    surface before any model is loaded.
+    """
+    return _resolve(spec.name, spec.hyperparameters, overrides)
+
+
+def _resolve(
+    method: str,
+    hyperparameters: Mapping[str, Hyperparameter],
+    overrides: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    given = {str(key).replace("-", "_"): value for key, value in (overrides or {}).items()}
+    unknown = sorted(set(given) - set(hyperparameters))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(hyperparameters), n=1)
+            if close:
+                hints.append(f"{key!r}: did you mean {close[0]!r}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for method "
+            f"{method}{hint}; valid: {', '.join(hyperparameters) or 'none'}"
+        )
+    return {
+        name: hp.parse(name, given[name]) if name in given else hp.default
+        for name, hp in hyperparameters.items()
+    }
+
+
+# ---- adapters: LossInputs + resolved hyperparameters -> LossOutput -------------------------------
+
+_POLICY_PAIR = ("policy_chosen_logps", "policy_rejected_logps")
+_REFERENCE_PAIR = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def _per_token(name: str, inputs: LossInputs, *logps: Tensor) -> tuple[Tensor, ...]:
+    """Divide (chosen, rejected[, ref chosen, ref rejected]) sums by the completion lengths.
+
+    Policy and reference use the same lengths: both score the same tokens.
+    """
+    chosen_lengths, rejected_lengths = inputs.require(name, "chosen_lengths", "rejected_lengths")
+    if bool((chosen_lengths <= 0).any()) or bool((rejected_lengths <= 0).any()):
+        raise ValueError(f"method {name}: completion lengths must be >= 1 to average log-probs")
+    lengths = (chosen_lengths, rejected_lengths) * (len(logps) // 2)
+    return tuple(lp / n.to(lp.dtype) for lp, n in zip(logps, lengths, strict=True))
+
+
+def _compute_dpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    return dpo_loss(*inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR), beta=hp["beta"])
+
+
+def _compute_dpop(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
+    return dpop_loss(*logps, beta=hp["beta"], lam=hp["lam"])
+
+
+def _compute_rdpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
+    return rdpo_loss(*logps, beta=hp["beta"], eps=hp["eps"])
+
+
+def _compute_ipo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    pc, pr, rc, rr = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
+    if hp["average"]:
+        pc, pr, rc, rr = _per_token(name, inputs, pc, pr, rc, rr)
+    return ipo_loss(pc, pr, rc, rr, tau=hp["tau"])
+
+
+def _compute_odpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    # kl_coef is declared for the config but applied by the engine (it needs policy samples).
+    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
+    score_chosen, score_rejected = inputs.require(name, "score_chosen", "score_rejected")
+    offsets = odpo_offsets(score_chosen, score_rejected, alpha=hp["alpha"], form=hp["form"])
+    return odpo_loss(*logps, offsets.to(logps[0].dtype), beta=hp["beta"])
+
+
+def _compute_tdpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
+    seq_kl = inputs.require(name, "chosen_seq_kl", "rejected_seq_kl")
+    # tdpo1 has no alpha; tdpo_loss ignores the value it gets.
+    alpha = hp.get("alpha", 0.5)
+    return tdpo_loss(*logps, *seq_kl, beta=hp["beta"], alpha=alpha, variant=name)
+
+
+def _compute_simpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    chosen, rejected = _per_token(name, inputs, *inputs.require(name, *_POLICY_PAIR))
+    return simpo_loss(chosen, rejected, beta=hp["beta"], gamma=hp["gamma"])
+
+
+def _compute_slic(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    chosen, rejected = inputs.require(name, *_POLICY_PAIR)
+    if hp["target"] == "chosen":
+        target = chosen  # "direct" variant: y_ref = y_w
+    else:
+        (target,) = inputs.require(name, "policy_target_logps")
+    return slic_loss(chosen, rejected, target, delta=hp["delta"], lam=hp["lam"])
+
+
+def _compute_kto(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    policy, reference, desirable = inputs.require(
+        name, "policy_logps", "reference_logps", "desirable"
+    )
+    if hp["kl_baseline"] == "zero":
+        kl_baseline = 0.0
+    else:
+        (kl_baseline,) = inputs.require(name, "kl_baseline")
+    return kto_loss(
+        policy,
+        reference,
+        desirable,
+        kl_baseline,
+        beta=hp["beta"],
+        desirable_weight=hp["desirable_weight"],
+        undesirable_weight=hp["undesirable_weight"],
+    )
+
+
+def _compute_spin(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+    # chosen = human answer, rejected = the opponent's sample, reference = the opponent.
+    return spin_loss(*inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR), lam=hp["lam"])
+
+
+def _make_compute(
+    name: str,
+    adapter: Callable[[str, LossInputs, Mapping[str, Any]], LossOutput],
+    hyperparameters: Mapping[str, Hyperparameter],
+) -> Callable[..., LossOutput]:
+    def compute(inputs: LossInputs, hparams: Mapping[str, Any] | None = None) -> LossOutput:
+        # Resolving again is cheap, and lets callers pass partial or unparsed hyperparameters.
+        return adapter(name, inputs, _resolve(name, hyperparameters, hparams))
+
+    compute.__name__ = compute.__qualname__ = f"compute_{name}"
+    compute.__doc__ = f"Loss of method {name} from LossInputs and (partial) hyperparameters."
+    return compute
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+_BETA = Hyperparameter(0.1, float, "inverse temperature of the implicit reward", 0.0, low_open=True)
+
+
+def _spec(
+    name: str,
+    adapter: Callable[[str, LossInputs, Mapping[str, Any]], LossOutput],
+    hyperparameters: Mapping[str, Hyperparameter],
+    **fields: Any,
+) -> MethodSpec:
+    hyperparameters = MappingProxyType(dict(hyperparameters))
+    fields.setdefault("averaged_logps", False)
+    fields.setdefault("token_kl", False)
+    fields.setdefault("scores", False)
+    fields.setdefault("data", "pairs")
+    spec = MethodSpec(
+        name=name,
+        compute=_make_compute(name, adapter, hyperparameters),
+        hyperparameters=hyperparameters,
+        **fields,
+    )
+    assert spec.reference in REFERENCE_KINDS and spec.data in DATA_KINDS, spec
+    return spec
+
+
+_TDPO_COMMON = dict(
+    loss=tdpo_loss,
+    paper="Zeng et al. 2024, Token-level Direct Preference Optimization, arXiv:2404.11999",
+    reference="online",
+    token_kl=True,
+)
+
+_SPECS = [
+    _spec(
+        "dpo",
+        _compute_dpo,
+        {"beta": _BETA},
+        title="Direct Preference Optimization (DPO)",
+        paper="Rafailov et al. 2023, arXiv:2305.18290",
+        formula="nls(beta * h)",
+        loss=dpo_loss,
+        reference="logps",
+    ),
+    _spec(
+        "dpop",
+        _compute_dpop,
+        {
+            "beta": _BETA,
+            "lam": Hyperparameter(
+                50.0, float, "weight of the penalty max(0, ref(y_w) - logp(y_w)), inside beta", 0.0
+            ),
+        },
+        title="DPO-Positive (Smaug)",
+        paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with "
+        "DPO-Positive, arXiv:2402.13228",
+        formula="nls(beta * (h - lam * max(0, ref(y_w) - logp(y_w))))",
+        loss=dpop_loss,
+        reference="logps",
+    ),
+    _spec(
+        "slic",
+        _compute_slic,
+        {
+            "delta": Hyperparameter(1.0, float, "margin of the calibration hinge", 0.0),
+            "lam": Hyperparameter(0.1, float, "weight of the -logp(y_ref) regularizer", 0.0),
+            "target": Hyperparameter(
+                "chosen",
+                str,
+                "y_ref of the regularizer: the chosen answer, or a sample of the reference/SFT "
+                "model (policy_target_logps; the engine or data provides the sample)",
+                choices=("chosen", "reference_sample"),
+            ),
+        },
+        title="Sequence Likelihood Calibration (SLiC-HF)",
+        paper="Zhao et al. 2023, SLiC-HF, arXiv:2305.10425",
+        formula="max(0, delta - logp(y_w) + logp(y_l)) - lam * logp(y_ref)",
+        loss=slic_loss,
+        reference="none",
+        procedure="slic_target",
+    ),
+    _spec(
+        "tdpo1",
+        _compute_tdpo,
+        {"beta": _BETA},
+        title="Token-level DPO, variant 1 (TDPO1)",
+        formula="nls(beta * (h - (D_l - D_w))), D = sum_t KL(ref || policy) over the vocabulary",
+        **_TDPO_COMMON,
+    ),
+    _spec(
+        "tdpo2",
+        _compute_tdpo,
+        {
+            "beta": _BETA,
+            "alpha": Hyperparameter(0.5, float, "weight of the token-level KL margin", 0.0),
+        },
+        title="Token-level DPO, variant 2 (TDPO2, recommended)",
+        formula="nls(beta * (h - alpha * (D_l - sg(D_w)))), D = sum_t KL(ref || policy)",
+        **_TDPO_COMMON,
+    ),
+    _spec(
+        "kto",
+        _compute_kto,
+        {
+            "beta": _BETA,
+            "desirable_weight": Hyperparameter(
+                1.0, float, "lam_D; keep lam_D*n_D / (lam_U*n_U) in [1, 4/3]", 0.0, low_open=True
+            ),
+            "undesirable_weight": Hyperparameter(1.0, float, "lam_U", 0.0, low_open=True),
+            "kl_baseline": Hyperparameter(
+                "batch",
+                str,
+                "z0: estimated from mismatched pairs of the batch, or zero (KTO right after SFT "
+                "on the same data)",
+                choices=("batch", "zero"),
+            ),
+        },
+        title="Kahneman-Tversky Optimization (KTO)",
+        paper="Ethayarajh et al. 2024, arXiv:2402.01306",
+        formula="lam_D * (1 - sigmoid(beta * (rho - z0))) if desirable else "
+        "lam_U * (1 - sigmoid(beta * (z0 - rho)))",
+        loss=kto_loss,
+        reference="logps",
+        data="unpaired",
+        procedure="kto_baseline",
+    ),
+    _spec(
+        "ipo",
+        _compute_ipo,
+        {
+            "tau": Hyperparameter(
+                0.1, float, "regularization strength (beta elsewhere)", 0.0, low_open=True
+            ),
+            "average": Hyperparameter(
+                True, bool, "average log-probs per completion token (the IPO authors) or sum"
+            ),
+        },
+        title="Identity Preference Optimization (IPO)",
+        paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from "
+        "Human Preferences, arXiv:2310.12036",
+        formula="(h - 1 / (2 * tau))**2, h from per-token averages when average=true",
+        loss=ipo_loss,
+        reference="logps",
+    ),
+    _spec(
+        "spin",
+        _compute_spin,
+        {"lam": Hyperparameter(0.1, float, "DPO's beta for SPIN", 0.0, low_open=True)},
+        title="Self-Play Fine-Tuning (SPIN)",
+        paper="Chen et al. 2024, arXiv:2401.01335",
+        formula="nls(lam * h), y_w = human answer, y_l = own sample, ref = previous iterate",
+        loss=spin_loss,
+        reference="logps",
+        data="sft",
+        procedure="spin",
+    ),
+    _spec(
+        "segment_dpo",
+        _compute_dpo,
+        {"beta": _BETA},
+        title="Segment-level DPO (SDPO)",
+        paper="Kong et al. 2025, SDPO: Segment-Level Direct Preference Optimization for Social "
+        "Agents, arXiv:2501.01821",
+        formula="nls(beta * h), log-probs summed over the agent turns of the segment only",
+        loss=dpo_loss,
+        reference="logps",
+        data="multiturn_pairs",
+        procedure="segment",
+    ),
+    _spec(
+        "stepwise_dpo",
+        _compute_dpo,
+        {
+            "beta": _BETA,
+            "steps": Hyperparameter(2, int, "number of data chunks (training stages)", 1),
+        },
+        title="Stepwise DPO (sDPO)",
+        paper="Kim et al. 2024, sDPO: Don't Use Your Data All at Once, arXiv:2403.19270",
+        formula="nls(beta * h), ref = the model after the previous data chunk",
+        loss=dpo_loss,
+        reference="logps",
+        procedure="stepwise",
+    ),
+    _spec(
+        "simpo",
+        _compute_simpo,
+        {
+            "beta": Hyperparameter(2.0, float, "reward scale (paper: 2.0-10)", 0.0, low_open=True),
+            "gamma": Hyperparameter(
+                1.0,
+                float,
+                "ABSOLUTE target margin, as in the paper's equation; the reference code's "
+                "gamma_beta_ratio is gamma / beta",
+                0.0,
+            ),
+        },
+        title="Simple Preference Optimization (SimPO)",
+        paper="Meng et al. 2024, arXiv:2405.14734",
+        formula="nls(beta * (logp(y_w)/|y_w| - logp(y_l)/|y_l|) - gamma)",
+        loss=simpo_loss,
+        reference="none",
+        averaged_logps=True,
+    ),
+    _spec(
+        "odpo",
+        _compute_odpo,
+        {
+            "beta": _BETA,
+            "alpha": Hyperparameter(1.0, float, "scale of the offset", 0.0),
+            "form": Hyperparameter(
+                "difference",
+                str,
+                "offset alpha*log(s_w - s_l) or alpha*log(s_w / s_l)",
+                choices=("difference", "ratio"),
+            ),
+            "kl_coef": Hyperparameter(
+                0.0,
+                float,
+                "weight of the seed's optional + kl_coef * KL(policy || ref) term (engine)",
+                0.0,
+            ),
+        },
+        title="DPO with an offset (ODPO)",
+        paper="Amini et al. 2024, Direct Preference Optimization with an Offset, arXiv:2402.10571",
+        formula="nls(beta * h - alpha * log(s_w - s_l))",
+        loss=odpo_loss,
+        reference="logps",
+        scores=True,
+    ),
+    _spec(
+        "rdpo",
+        _compute_rdpo,
+        {
+            "beta": _BETA,
+            "eps": Hyperparameter(0.1, float, "assumed label-flip rate", 0.0, 0.5, high_open=True),
+        },
+        title="Provably robust DPO (rDPO)",
+        paper="Chowdhury et al. 2024, Provably Robust DPO, arXiv:2403.00409",
+        formula="((1 - eps) * nls(beta * h) - eps * nls(-beta * h)) / (1 - 2 * eps)",
+        loss=rdpo_loss,
+        reference="logps",
+    ),
+]
+
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+
+_ALIASES = {"slic_hf": "slic"}
+_AMBIGUOUS = {
+    "sdpo": "method 'sdpo' is ambiguous: use 'segment_dpo' (SDPO, segment-level DPO for "
+    "multi-turn dialogues, arXiv:2501.01821) or 'stepwise_dpo' (sDPO, DPO over data chunks with "
+    "a moving reference, arXiv:2403.19270)",
+    "tdpo": "method 'tdpo' is ambiguous: use 'tdpo2' (recommended) or 'tdpo1'",
+}
+_AMBIGUOUS["s_dpo"] = _AMBIGUOUS["sdpo"]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` called ``name`` (case-insensitive, ``-`` read as ``_``).
+
+    Raises ``ValueError`` for an unknown name (listing the valid ones) and for ``"sdpo"``, which
+    could mean segment-level DPO or stepwise DPO.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key in _AMBIGUOUS:
+        raise ValueError(_AMBIGUOUS[key])
+    key = _ALIASES.get(key, key)
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, list(METHODS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Valid methods: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def _needs(spec: MethodSpec) -> str:
+    parts = {
+        "none": ["no reference model"],
+        "logps": ["reference sequence log-probs (online or pre-computed)"],
+        "online": ["online reference with full-vocabulary logits"],
+    }[spec.reference]
+    if spec.averaged_logps:
+        parts.append("per-token averaged log-probs")
+    if spec.token_kl:
+        parts.append("token-level KL(ref || policy)")
+    if spec.scores:
+        parts.append("a score per response")
+    parts.append(f"data: {spec.data}")
+    if spec.procedure:
+        parts.append(f"procedure: {spec.procedure}")
+    return "; ".join(parts)
+
+
+def format_methods(verbose: bool = False) -> str:
+    """Human-readable listing of every method: formula, needs and defaults (``dpokit methods``).
+
+    ``verbose`` adds the paper and every hyperparameter's type, range and meaning.
+    """
+    lines = [
+        "Methods (nls(z) = -log sigmoid(z); rho = logp(y) - ref(y), summed over completion "
+        "tokens; h = rho_w - rho_l):",
+        "",
+    ]
+    width = max(map(len, METHODS)) + 2
+    pad = " " * width
+    for spec in METHODS.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults().items())
+        lines.append(f"{spec.name:<{width}}{spec.title}")
+        lines.append(f"{pad}loss:     {spec.formula}")
+        lines.append(f"{pad}needs:    {_needs(spec)}")
+        lines.append(f"{pad}defaults: {defaults or '-'}")
+        if verbose:
+            lines.append(f"{pad}paper:    {spec.paper}")
+            for hp_name, hp in spec.hyperparameters.items():
+                lines.append(f"{pad}  {hp_name} ({hp.describe()}, default {hp.default}): {hp.help}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = [
+    "METHODS",
+    "Hyperparameter",
+    "MethodSpec",
+    "format_methods",
+    "get_method",
+    "resolve_hyperparameters",
+]

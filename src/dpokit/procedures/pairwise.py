@@ -1,0 +1,101 @@
+"""One micro-batch of a pairwise method: concatenated forward, reference, loss, metrics.
+
+Serves every method whose data are preference pairs (DPO, DPOP, SLiC-HF, IPO, SimPO, ODPO, rDPO,
+TDPO1/2): which inputs each loss needs comes from its :class:`~dpokit.losses.MethodSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.logprobs import ScoreOutput, sequence_kl_from_hidden
+from dpokit.losses import LossInputs, LossOutput, MethodSpec
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, torch.Tensor]  # detached scalars
+    losses: torch.Tensor  # (B,) detached, for evaluation
+    correct: torch.Tensor  # (B,) bool, chosen reward > rejected reward
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the batch; built once by the engine."""
+
+    spec: MethodSpec
+    hyperparameters: dict
+    policy: torch.nn.Module  # CompletionScorer (possibly DDP-wrapped)
+    reference: object | None  # anything with .score(batch, return_hidden)
+    policy_head: torch.nn.Module | None = None  # LM heads for TDPO's token-level KL
+    reference_head: torch.nn.Module | None = None
+    chunk_size: int = 1024
+
+
+def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    spec = ctx.spec
+    policy_out: ScoreOutput = ctx.policy(
+        batch["input_ids"],  # (2B, T): chosen rows, then rejected rows
+        batch["attention_mask"],
+        batch["completion_mask"],
+        position_ids=batch.get("position_ids"),
+        return_hidden=spec.token_kl,
+    )
+    pairs = batch["index"].shape[0]
+    policy_chosen, policy_rejected = policy_out.logps.split(pairs)  # (B,), (B,)
+    chosen_lengths, rejected_lengths = policy_out.token_counts.split(pairs)
+    inputs = LossInputs(
+        policy_chosen_logps=policy_chosen,
+        policy_rejected_logps=policy_rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        score_chosen=batch.get("score_chosen"),
+        score_rejected=batch.get("score_rejected"),
+    )
+    if spec.reference != "none":
+        reference_out = ctx.reference.score(batch, return_hidden=spec.token_kl)
+        inputs.reference_chosen_logps, inputs.reference_rejected_logps = (
+            reference_out.logps.detach().float().split(pairs)
+        )
+        if spec.token_kl:
+            seq_kl = sequence_kl_from_hidden(
+                policy_out, reference_out, ctx.policy_head, ctx.reference_head, ctx.chunk_size
+            )  # (2B,)
+            inputs.chosen_seq_kl, inputs.rejected_seq_kl = seq_kl.split(pairs)
+    out = spec.compute(inputs, ctx.hyperparameters)
+    return StepOutput(
+        loss=out.losses.mean(),
+        metrics=pair_metrics(out, inputs),
+        losses=out.losses.detach(),
+        correct=(out.chosen_rewards > out.rejected_rewards),
+    )
+
+
+def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]:
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards  # (B,) detached
+    metrics = {
+        "loss": out.losses.detach().mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "logps/chosen": inputs.policy_chosen_logps.detach().mean(),
+        "logps/rejected": inputs.policy_rejected_logps.detach().mean(),
+    }
+    if inputs.reference_chosen_logps is not None:
+        # Mean log-ratio on the data: a sample-free proxy for how far the policy has moved.
+        metrics["logratio/chosen"] = (
+            inputs.policy_chosen_logps.detach() - inputs.reference_chosen_logps
+        ).mean()
+        metrics["logratio/rejected"] = (
+            inputs.policy_rejected_logps.detach() - inputs.reference_rejected_logps
+        ).mean()
+    if inputs.chosen_seq_kl is not None:
+        metrics["kl/chosen"] = inputs.chosen_seq_kl.detach().mean()
+        metrics["kl/rejected"] = inputs.rejected_seq_kl.detach().mean()
+    for name, value in (out.metrics or {}).items():
+        metrics[name] = value.detach().float().mean()
+    return metrics

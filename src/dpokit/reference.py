@@ -1,0 +1,226 @@
+"""The reference model, three ways.
+
+1. :class:`FrozenReference` - a separate frozen copy (the starting policy or ``--reference PATH``).
+2. :class:`AdapterOffReference` - with LoRA, the policy itself with its adapter switched off: no
+   second copy of the weights in memory.
+3. :class:`PrecomputedReference` - sequence log-probs computed once before training, in eval mode,
+   and cached on disk under a key that hashes the reference weights' identity, the dataset
+   fingerprint and the tokenization settings; reused across runs, recomputed when any changes.
+
+All three answer ``score(batch, return_hidden)`` with the same :class:`~dpokit.logprobs.ScoreOutput`
+the policy gives, under ``no_grad``, so the engine never asks which one it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpokit.logprobs import CompletionScorer, ScoreOutput
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for the duration (a reference is always scored deterministically)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class FrozenReference:
+    """A separate frozen model, kept in eval mode with no gradients."""
+
+    def __init__(self, scorer: CompletionScorer):
+        self.scorer = scorer.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        return self.scorer(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            position_ids=batch.get("position_ids"),
+            return_hidden=return_hidden,
+        )
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.scorer.model.get_output_embeddings()
+
+
+class AdapterOffReference:
+    """The LoRA policy with its adapter disabled: the base weights are the reference."""
+
+    def __init__(self, policy_scorer: CompletionScorer):
+        self.policy_scorer = policy_scorer  # the unwrapped scorer (not the DDP wrapper)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        with self.policy_scorer.model.disable_adapter(), eval_mode(self.policy_scorer):
+            return self.policy_scorer(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                position_ids=batch.get("position_ids"),
+                return_hidden=return_hidden,
+            )
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.policy_scorer.model.get_output_embeddings()
+
+
+class PrecomputedReference:
+    """Sequence log-probs looked up by the row ``index`` each batch carries."""
+
+    def __init__(self, logps: torch.Tensor, token_counts: torch.Tensor):
+        self.logps = logps  # (num_rows, 2): chosen, rejected
+        self.token_counts = token_counts  # (num_rows, 2)
+
+    def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        if return_hidden:
+            raise ValueError("pre-computed reference log-probs carry no hidden states")
+        index = batch["index"].cpu()  # (B,)
+        device = batch["input_ids"].device
+        logps = torch.cat([self.logps[index, 0], self.logps[index, 1]]).to(device)  # (2B,)
+        counts = torch.cat([self.token_counts[index, 0], self.token_counts[index, 1]]).to(device)
+        return ScoreOutput(logps=logps, token_counts=counts, avg_logps=logps / counts.clamp(min=1))
+
+
+# ---- the on-disk cache ------------------------------------------------------------------------
+
+
+def model_identity(name_or_path: str) -> str:
+    """A hash of what the reference weights are.
+
+    For a local directory: the contents of its weight and config files (streamed; memoised by
+    path, size and mtime so a run hashes a 15 GB checkpoint at most once). For a hub id: the id
+    and the resolved snapshot (its commit hash is part of the cached path) when available.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return _hub_identity(name_or_path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            continue  # tokenizer files are part of the tokenization key, not the weights
+        digest.update(file.name.encode())
+        digest.update(_file_digest(file).encode())
+    return digest.hexdigest()
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(file: Path) -> str:
+    stat = file.stat()
+    memo_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        _FILE_DIGESTS[memo_key] = digest.hexdigest()
+    return _FILE_DIGESTS[memo_key]
+
+
+def _hub_identity(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(repo_id, local_files_only=True)
+        return hashlib.sha256(f"hub:{repo_id}:{Path(snapshot).name}".encode()).hexdigest()
+    except Exception:  # not cached locally: fall back to the id itself
+        return hashlib.sha256(f"hub:{repo_id}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What produced a table of reference log-probs."""
+
+    reference_identity: str
+    data_fingerprint: str
+    settings: str  # tokenization + scoring settings that change the numbers (JSON)
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps(
+            [CACHE_FORMAT_VERSION, self.reference_identity, self.data_fingerprint, self.settings]
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")
+    return Path(root) / "reference_logps"
+
+
+def load_cached(cache_dir: Path, key: CacheKey, num_rows: int) -> PrecomputedReference | None:
+    file = cache_dir / f"{key.digest}.safetensors"
+    if not file.exists():
+        return None
+    tensors = load_file(str(file))
+    if tensors["logps"].shape != (num_rows, 2):
+        logger.warning("reference cache %s has the wrong shape; recomputing", file)
+        return None
+    return PrecomputedReference(tensors["logps"], tensors["token_counts"])
+
+
+def save_cached(cache_dir: Path, key: CacheKey, reference: PrecomputedReference) -> Path:
+    """Write atomically so a killed run never leaves a half-written table behind."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    file = cache_dir / f"{key.digest}.safetensors"
+    tmp = file.with_suffix(f".tmp{os.getpid()}")
+    metadata = {
+        "reference_identity": key.reference_identity,
+        "data_fingerprint": key.data_fingerprint,
+        "settings": key.settings,
+    }
+    tensors = {"logps": reference.logps, "token_counts": reference.token_counts}
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, file)
+    return file
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    reference, batches: Iterable[dict[str, torch.Tensor]], num_rows: int, gather=None
+) -> PrecomputedReference:
+    """Score every row once with ``reference`` (any object with ``score``).
+
+    ``batches`` may be this process's shard; ``gather`` (e.g. ``accelerator.gather_for_metrics``)
+    collects the shards so every process ends with the full table.
+    """
+    logps = torch.full((num_rows, 2), float("nan"))
+    counts = torch.zeros((num_rows, 2), dtype=torch.long)
+    for batch in batches:
+        out = reference.score(batch)
+        pairs = batch["index"].shape[0]
+        index = batch["index"]  # (B,)
+        row_logps = out.logps.float().view(2, pairs).T  # (B, 2): chosen, rejected
+        row_counts = out.token_counts.view(2, pairs).T  # (B, 2)
+        if gather is not None:
+            index, row_logps, row_counts = gather((index, row_logps, row_counts))
+        logps[index.cpu()] = row_logps.cpu()
+        counts[index.cpu()] = row_counts.cpu()
+    if torch.isnan(logps).any():
+        missing = int(torch.isnan(logps[:, 0]).sum())
+        raise RuntimeError(f"reference log-probs missing for {missing} of {num_rows} rows")
+    return PrecomputedReference(logps, counts)
