@@ -29,7 +29,7 @@ from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.metrics import MetricAverager, MetricsWriter
 from dpokit.modeling import apply_lora, is_peft_model, load_model, load_tokenizer, resolve_dtype
-from dpokit.procedures import StepContext, procedure_for
+from dpokit.procedures import DRIVERS, StepContext, procedure_for
 from dpokit.reference import (
     AdapterOffReference,
     CacheKey,
@@ -275,6 +275,7 @@ class Trainer:
             policy_head=policy_model.get_output_embeddings(),
             reference_head=reference_head,
             chunk_size=self.config.logps_chunk_size,
+            accelerator=self.accelerator,
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -459,5 +460,10 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.data`` with ``config.method`` (see TrainConfig)."""
-    return Trainer(config).train()
+    """Train ``config.model`` on ``config.data`` with ``config.method`` (see TrainConfig).
+
+    Methods whose table entry names a driver (SPIN's rounds, stepwise DPO's stages) run through
+    it; every other method is one :class:`Trainer` run.
+    """
+    driver = DRIVERS.get(get_method(config.method).procedure or "")
+    return driver(config) if driver is not None else Trainer(config).train()

@@ -24,6 +24,10 @@ PROCEDURES: dict[str, Procedure] = {
     "pairs": Procedure(prepare=prepare_pairs, collator=PairCollator, step=pairwise_step),
 }
 
+# Methods that are more than one training run (self-play rounds, staged references) name a driver
+# in ``spec.procedure``; a driver takes the TrainConfig and runs the Trainer as often as it needs.
+DRIVERS: dict[str, Callable] = {}
+
 
 def procedure_for(spec) -> Procedure:
     if spec.data not in PROCEDURES:
@@ -34,4 +38,12 @@ def procedure_for(spec) -> Procedure:
     return PROCEDURES[spec.data]
 
 
-__all__ = ["PROCEDURES", "Procedure", "StepContext", "StepOutput", "pairwise_step", "procedure_for"]
+__all__ = [
+    "DRIVERS",
+    "PROCEDURES",
+    "Procedure",
+    "StepContext",
+    "StepOutput",
+    "pairwise_step",
+    "procedure_for",
+]

@@ -33,6 +33,7 @@ class StepContext:
     policy_head: torch.nn.Module | None = None  # LM heads for TDPO's token-level KL
     reference_head: torch.nn.Module | None = None
     chunk_size: int = 1024
+    accelerator: object | None = None  # for collectives (e.g. KTO's cross-process baseline)
 
 
 def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
