@@ -101,13 +101,15 @@ def choose_reference_mode(config: TrainConfig, spec) -> str:
 class Trainer:
     """Holds the pieces of one run; :meth:`train` is the loop."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, spec=None, procedure=None):
+        """``spec``/``procedure`` override the method table's entry: drivers and ``dpokit sft``
+        run the same loop with another loss or another kind of data."""
         if not config.model or not config.data:
             raise ValueError("a run needs both `model` and `data`")
         self.config = config
-        self.spec = get_method(config.method)
+        self.spec = spec or get_method(config.method)
         self.hyperparameters = dict(config.method_args)
-        self.procedure = procedure_for(self.spec)
+        self.procedure = procedure or procedure_for(self.spec)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
         set_seed(config.seed)
