@@ -225,6 +225,7 @@ def test_lora_trains_only_adapters_and_adapter_off_is_the_base(tiny_dir, pairs_f
         reference_mode="adapter",
         max_steps=3,
         lora_target_modules="q_proj,v_proj",
+        merge_lora=True,
     )
     trainer = Trainer(config)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
@@ -241,6 +242,11 @@ def test_lora_trains_only_adapters_and_adapter_off_is_the_base(tiny_dir, pairs_f
     ).logps
     assert not torch.allclose(policy_logps, base.score(batch).logps)
     assert (trainer.output_dir / "final" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(trainer.output_dir / "final-merged"))
+    merged_logps = CompletionScorer(merged)(
+        batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    ).logps
+    torch.testing.assert_close(merged_logps, policy_logps.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_nonfinite_loss_stops_with_step_named_and_checkpoint_kept(tiny_dir, pairs_file, tmp_path):

@@ -246,16 +246,31 @@ DEFAULTS = {
     "tdpo1": {"beta": 0.1},
     "tdpo2": {"beta": 0.1, "alpha": 0.5},
     "simpo": {"beta": 2.0, "gamma": 1.0},
-    "slic": {"delta": 1.0, "lam": 0.1, "target": "chosen"},
+    "slic": {
+        "delta": 1.0,
+        "lam": 0.1,
+        "target": "chosen",
+        "temperature": 1.0,
+        "max_new_tokens": 256,
+        "generation_batch_size": 16,
+    },
     "kto": {
         "beta": 0.1,
         "desirable_weight": 1.0,
         "undesirable_weight": 1.0,
         "kl_baseline": "batch",
     },
-    "spin": {"lam": 0.1},
+    "spin": {
+        "lam": 0.1,
+        "iterations": 3,
+        "keep_previous": False,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": 256,
+        "generation_batch_size": 16,
+    },
     "segment_dpo": {"beta": 0.1},
-    "stepwise_dpo": {"beta": 0.1, "steps": 2},
+    "stepwise_dpo": {"beta": 0.1, "steps": 2, "order": "data"},
 }
 
 

@@ -40,7 +40,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         (tmp / MARKER).write_text("ok\n")
-        shutil.rmtree(final, ignore_errors=True)
+        remove(final)
         tmp.rename(final)
         prune(root, keep)
     accelerator.wait_for_everyone()
@@ -49,7 +49,13 @@ def save_checkpoint(
 
 def prune(root: Path, keep: int) -> None:
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
+
+
+def remove(checkpoint: Path) -> None:
+    """Delete a checkpoint marker first: killed half-way, what is left is not taken as complete."""
+    (checkpoint / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

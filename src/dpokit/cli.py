@@ -1,4 +1,4 @@
-"""The ``dpokit`` command: ``train``, ``methods``, ``plot``."""
+"""The ``dpokit`` command: train, sft, eval, demo, arena, methods, plot."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def _train_parser(sub) -> None:
     parser.add_argument("--eval-data", dest="eval_data", help="held-out preference data")
     parser.add_argument("--output-dir", dest="output_dir", help="run directory")
     parser.add_argument(
+        "--chat-template",
+        dest="chat_template",
+        help="Jinja chat template file (for tokenizers without one, or to replace it)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         default=None,
@@ -39,10 +44,8 @@ def _train_parser(sub) -> None:
 def _run_train(args) -> int:
     from dpokit.engine import train
 
-    values = {
-        k: getattr(args, k)
-        for k in ("method", "model", "data", "reference", "eval_data", "output_dir", "resume")
-    }
+    keys = ("method", "model", "data", "reference", "eval_data", "output_dir", "chat_template")
+    values = {k: getattr(args, k) for k in (*keys, "resume")}
     config = TrainConfig.load(args.config, args.overrides, **values)
     if not config.model or not config.data:
         raise ConfigError("`dpokit train` needs --model and --data (or model:/data: in --config)")
@@ -70,12 +73,192 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _sft_parser(sub) -> None:
+    parser = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning (completion NLL) on prompt/completion or messages data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune MODEL on SFT DATA (rows prompt+completion, strings or message "
+        "lists, or messages whose last assistant turn is the completion). Takes the config keys "
+        "of `dpokit train` as key=value; method hyperparameters do not apply.",
+        epilog="config keys (key=default):\n" + config_help(),
+    )
+    parser.add_argument("--model", help="path or hub id of the starting model")
+    parser.add_argument("--data", help="SFT data: JSONL/JSON/Parquet/CSV, dataset dir or name")
+    parser.add_argument("--config", help="YAML run config; flags and key=value override it")
+    parser.add_argument("--eval-data", dest="eval_data", help="held-out SFT data")
+    parser.add_argument("--output-dir", dest="output_dir", help="run directory")
+    parser.add_argument("--resume", action="store_true", default=None)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _run_sft(args) -> int:
+    from dpokit.losses import get_method
+    from dpokit.procedures.sft import run_sft
+
+    method_keys = set(get_method(TrainConfig.method).hyperparameters)
+    given = {item.partition("=")[0].strip().replace("-", "_") for item in args.overrides}
+    if given & (method_keys | {"method", "method_args"}):
+        raise ConfigError(
+            f"`dpokit sft` takes no method hyperparameters: {sorted(given & method_keys)}"
+        )
+    values = {k: getattr(args, k) for k in ("model", "data", "eval_data", "output_dir", "resume")}
+    values["output_dir"] = values["output_dir"] or "runs/sft"
+    config = TrainConfig.load(args.config, args.overrides, **values)
+    if not config.model or not config.data:
+        raise ConfigError("`dpokit sft` needs --model and --data (or model:/data: in --config)")
+    result = run_sft(config)
+    print(f"trained {result.global_step} steps; model saved to {result.final_dir}")
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="evaluate a model: reward accuracy on pairs, samples, judge reward, win rate, KL",
+        description="Evaluate MODEL. --pairs + --reference: implicit-reward accuracy and the "
+        "change of the chosen/rejected log-probs. --prompts (or --task): samples; with --task "
+        "also the mean judge reward, the win rate against --baseline and KL to --reference.",
+    )
+    parser.add_argument("--model", required=True, help="the model to evaluate")
+    parser.add_argument("--reference", help="reference model (the SFT model)")
+    parser.add_argument("--pairs", help="held-out preference pairs (any `dpokit train` format)")
+    parser.add_argument("--prompts", help="JSONL with a `prompt` field, or a text file (one/line)")
+    parser.add_argument(
+        "--task", choices=["review"], help="the built-in task: its judge and held-out prompts"
+    )
+    parser.add_argument("--task-seed", type=int, default=0, help="seed the task was built with")
+    parser.add_argument("--baseline", help="model to compare samples with (win rate)")
+    parser.add_argument("--per-prompt", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="directory for metrics.json and samples.jsonl")
+
+
+def _read_prompts(path: str) -> list[str]:
+    import json
+    from pathlib import Path
+
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.endswith((".jsonl", ".json")):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f"{path}, line {number}: expected an object with a `prompt`")
+            prompts.append(row["prompt"])
+        return prompts
+    return lines
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from dpokit.evaluation import evaluate_paths
+
+    judge = prompts = None
+    if args.task == "review":
+        from dpokit.demo.task import ReviewTask
+
+        task = ReviewTask(seed=args.task_seed)
+        judge, prompts = task.judge, task.eval_prompts
+    if args.prompts:
+        prompts = _read_prompts(args.prompts)
+    if args.pairs is None and prompts is None:
+        raise ConfigError("`dpokit eval` needs --pairs and/or --prompts (or --task review)")
+    result = evaluate_paths(
+        args.model,
+        reference_path=args.reference,
+        baseline_path=args.baseline,
+        pairs=args.pairs,
+        prompts=prompts,
+        judge=judge,
+        per_prompt=args.per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    if args.out:
+        result.save(args.out)
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the built-in task: tiny model, SFT, a method, before/after",
+        description="Build the built-in review task, a tokenizer and a tiny model, run SFT, "
+        "train METHOD from the SFT model, evaluate before and after, print a table and write a "
+        "PNG. key=value sets any demo setting (steps=200 learning_rate=1e-3 beta=0.2 ...).",
+    )
+    parser.add_argument("--method", default="dpo", help="any method `dpokit train` runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", dest="work_dir", default="runs/demo")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _run_demo(args) -> int:
+    from dpokit.demo.demo import demo_config, run_demo
+
+    config = demo_config(args.overrides, method=args.method, seed=args.seed, work_dir=args.work_dir)
+    summary = run_demo(config)
+    print(summary["table"])
+    print(
+        f"{config.method}: judge reward {summary['before']['judge_reward']:.3f} -> "
+        f"{summary['after']['judge_reward']:.3f}, win rate vs SFT "
+        f"{summary['after']['win_rate']:.1%} on held-out prompts "
+        f"({summary['total_seconds']:.0f} s)"
+    )
+    print(f"plot: {summary['plot']}")
+    return 0
+
+
+def _arena_parser(sub) -> None:
+    parser = sub.add_parser(
+        "arena",
+        help="every trainable method from the same SFT model: table (MD/CSV) + reward-vs-KL plot",
+    )
+    parser.add_argument("--methods", help="comma-separated subset (default: every trainable one)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--work-dir", dest="work_dir", default="runs/arena")
+    parser.add_argument("--out", help="where the table and plot go (default WORK_DIR)")
+    parser.add_argument(
+        "--no-claims", dest="claims", action="store_false", help="skip the extra claim runs"
+    )
+    parser.add_argument("--readme", help="also rewrite the arena block of this Markdown file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _run_arena(args) -> int:
+    from dpokit.demo.arena import ArenaConfig, run_arena
+    from dpokit.demo.demo import demo_config
+
+    base = demo_config(args.overrides, work_dir=args.work_dir)
+    config = ArenaConfig(
+        demo=base,
+        methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+        seeds=[int(s) for s in args.seeds.split(",")],
+        out_dir=args.out,
+        claims=args.claims,
+        readme=args.readme,
+    )
+    report = run_arena(config)
+    print(report["table"])
+    for path in report["files"]:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpokit", description="Preference optimization: the DPO family, in one place."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _sft_parser(sub)
+    _eval_parser(sub)
+    _demo_parser(sub)
+    _arena_parser(sub)
     methods = sub.add_parser("methods", help="list methods, formulas, needs and defaults")
     methods.add_argument("-v", "--verbose", action="store_true", help="papers and details")
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics")
@@ -84,7 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _run_train, "methods": _run_methods, "plot": _run_plot}
+COMMANDS = {
+    "train": _run_train,
+    "sft": _run_sft,
+    "eval": _run_eval,
+    "demo": _run_demo,
+    "arena": _run_arena,
+    "methods": _run_methods,
+    "plot": _run_plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"dpokit: error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors printed as one line, no traceback: bad config, bad data (DataError names file and
+    line; its package is only imported if loading ran, as importing it costs seconds)."""
+    data_errors = sys.modules.get("dpokit.data.errors")
+    return (ConfigError, FileNotFoundError) + ((data_errors.DataError,) if data_errors else ())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "bad_scores": ("drop", "error"),
     "report_to": ("none", "tensorboard", "wandb", "all"),
     "nonfinite": ("stop", "skip"),
+    "packing": ("auto", "none", "shared_prompt", "padding_free"),
 }
 
 
@@ -73,6 +74,13 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, fp32 on CPU
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 1024  # completion positions per LM-head chunk
+    logps_saved_softmax_mb: int = 512  # LM-head softmax kept for backward, not recomputed; 0: none
+
+    # Speed (the measurements behind these defaults: PERFORMANCE.md)
+    packing: str = "auto"  # pairs: auto | none (2 rows/pair) | shared_prompt | padding_free
+    packing_length: int | None = None  # padding_free: tokens per packed row (None: one row)
+    group_by_length: bool = False  # shuffled batches of similar lengths (less padding)
+    fused_optimizer: bool = True  # AdamW as one fused kernel over all parameters
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -249,15 +257,27 @@ def validate(config: TrainConfig) -> None:
     for key in positive + ("logging_steps", "save_total_limit", "logps_chunk_size", "lora_r"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.logps_saved_softmax_mb < 0:
+        raise ConfigError(
+            f"logps_saved_softmax_mb must be >= 0 (0: recompute), got {config.logps_saved_softmax_mb}"
+        )
+    if config.packing_length is not None and config.packing_length < 1:
+        raise ConfigError(f"packing_length must be >= 1, got {config.packing_length}")
+    if config.packing_length is not None and config.packing not in ("auto", "padding_free"):
+        raise ConfigError(
+            f"packing_length applies to packing=padding_free only (packing={config.packing!r})"
+        )
     for key in ("max_steps", "eval_steps", "save_steps", "warmup_steps"):
         value = getattr(config, key)
         if value is not None and value < (0 if key == "warmup_steps" else 1):
             raise ConfigError(f"{key} must be positive, got {value}")
-    if config.max_prompt_length > config.max_length:
+    if config.max_prompt_length >= config.max_length:
         raise ConfigError(
-            f"max_prompt_length ({config.max_prompt_length}) exceeds max_length "
-            f"({config.max_length})"
+            f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
+            f"({config.max_length}) so that every completion keeps at least one token"
         )
+    if config.chat_template and not Path(config.chat_template).is_file():
+        raise ConfigError(f"chat_template={config.chat_template!r}: no such file")
     if config.learning_rate <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
     if not 0.0 <= config.eval_fraction < 1.0:

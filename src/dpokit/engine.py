@@ -8,6 +8,8 @@ procedure for its kind of data (:data:`dpokit.procedures.PROCEDURES`).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -23,17 +25,36 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import TrainConfig
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, train_eval_split
+from dpokit.data.packing import LengthGroupedSampler, padding_fraction, row_lengths
+from dpokit.distributed import (
+    cpu_only_multiprocess,
+    init_processes,
+    log_sharded_plan,
+    no_split_modules,
+    parameter_sharding,
+    refuse_other_reference,
+    refuse_separate_reference,
+)
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.metrics import MetricAverager, MetricsWriter
-from dpokit.modeling import apply_lora, is_peft_model, load_model, load_tokenizer, resolve_dtype
+from dpokit.modeling import (
+    apply_lora,
+    check_positions,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+    longest_sequence,
+    resolve_dtype,
+)
 from dpokit.procedures import DRIVERS, StepContext, procedure_for
 from dpokit.reference import (
     AdapterOffReference,
     CacheKey,
     FrozenReference,
+    StartingPolicyReference,
     compute_reference_logps,
     default_cache_dir,
     load_cached,
@@ -46,6 +67,47 @@ logger = logging.getLogger("dpokit")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient turned NaN/inf; the message names the step and the batch rows."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """The device ran out of memory in a training step; the message says what to change."""
+
+
+# torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError is its alias there.
+OUT_OF_MEMORY_ERRORS = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+
+def oom_message(config: TrainConfig, step: int, batch: dict, reference_mode: str) -> str:
+    """What ran out of memory (batch shape) and the settings that need less, cheapest first."""
+    rows, length = batch["input_ids"].shape  # (rows in the forward, padded length)
+    lines = [
+        f"out of memory at step {step}: a micro-batch of {rows} rows x {length} tokens "
+        f"(batch_size={config.batch_size} per process, max_length={config.max_length}). "
+        "What needs less memory:",
+    ]
+    if config.batch_size > 1:
+        half = config.batch_size // 2
+        accumulation = config.gradient_accumulation_steps * config.batch_size // half
+        lines.append(
+            f"  - batch_size={half} gradient_accumulation_steps={accumulation} "
+            "(about the same batch per optimizer step)"
+        )
+    if not config.gradient_checkpointing:
+        lines.append("  - gradient_checkpointing=true (recompute activations in backward)")
+    if reference_mode == "model":
+        lines.append(
+            "  - reference_mode=precomputed (no reference model in memory; sequence-level "
+            "methods) or lora=true (the reference is the policy with its adapter off)"
+        )
+    if not config.lora:
+        lines.append("  - lora=true (train adapters only: no full optimizer state)")
+    lines.append(
+        f"  - a smaller max_length (now {config.max_length}) or logps_chunk_size "
+        f"(now {config.logps_chunk_size}), or mixed_precision=bf16"
+    )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -64,6 +126,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision = "bf16" if bf16_ok else "no"  # CPU bf16 is far slower than fp32
     trackers = None if config.report_to == "none" else config.report_to
     return Accelerator(
+        cpu=cpu_only_multiprocess(),  # torchrun on a CPU-only machine: gloo, not 1-process runs
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=trackers,
@@ -84,6 +147,23 @@ def data_config(config: TrainConfig, require_scores: bool) -> DataConfig:
         num_proc=config.num_proc,
         chat_template=chat_template,
     )
+
+
+# `packing=auto`: the fastest layout that gives the same log-probs (PERFORMANCE.md).
+AUTO_PACKING = "shared_prompt"
+
+
+def resolve_packing(config: TrainConfig, spec, procedure) -> str:
+    """The batch layout: ``config.packing``, or for ``auto`` :data:`AUTO_PACKING` where the
+    procedure's data can be packed and ``none`` where it cannot."""
+    if procedure.packed_collator is None:
+        if config.packing not in ("auto", "none"):
+            raise ConfigError(
+                f"packing={config.packing} needs preference pairs; method {spec.name} trains on "
+                f"{spec.data!r} data, collated one way only: use packing=none (or auto)"
+            )
+        return "none"
+    return AUTO_PACKING if config.packing == "auto" else config.packing
 
 
 def choose_reference_mode(config: TrainConfig, spec) -> str:
@@ -110,8 +190,12 @@ class Trainer:
         self.spec = spec or get_method(config.method)
         self.hyperparameters = dict(config.method_args)
         self.procedure = procedure or procedure_for(self.spec)
+        if self.procedure.check is not None:
+            self.procedure.check(config, self.spec)  # before anything loads
+        self.packing = resolve_packing(config, self.spec, self.procedure)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
+        self.sharding = parameter_sharding(self.accelerator)  # "fsdp", "zero3" or None
         set_seed(config.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -120,6 +204,10 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(config.model, config.chat_template)
         self._prepare_data()
+        splits = [d for d in (self.train_data, self.eval_data) if d is not None]
+        longest = max(longest_sequence(d.dataset) for d in splits)
+        for name in {config.model, config.reference or config.model}:
+            check_positions(name, config.max_length, longest)  # model config only, no weights
         self.dtype = resolve_dtype(config.dtype)
         model = load_model(config.model, self.dtype, config.gradient_checkpointing)
         if config.lora:
@@ -130,9 +218,22 @@ class Trainer:
                 config.lora_dropout,
                 config.lora_target_modules,
             )
-        self.policy = CompletionScorer(model, chunk_size=config.logps_chunk_size)
-        self.references = self._build_references()
+        # Sharded parameters are whole only inside their module's forward: score through the
+        # full model (the exact path) rather than reading the LM head weight (dpokit.distributed).
+        fast = False if self.sharding else None
+        self.policy = CompletionScorer(
+            model,
+            chunk_size=config.logps_chunk_size,
+            fast=fast,
+            saved_softmax_mb=config.logps_saved_softmax_mb,
+        )
+        if self.sharding == "fsdp":  # accelerate's auto-wrap reads the layer classes off it
+            self.policy._no_split_modules = no_split_modules(model)
+        if self.procedure.setup is not None:
+            self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
         self._build_optimizer()
+        # After `prepare`: pre-computed reference log-probs are scored by the prepared policy.
+        self.references = self._build_references()
 
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -148,13 +249,24 @@ class Trainer:
         if self.is_main:
             logger.info("training data: %s", train.summary.format())
         self.train_data, self.eval_data = train, evaluation
-        self.collate = self.procedure.collator(self.tokenizer.pad_token_id)
+        pad_token_id = self.tokenizer.pad_token_id
+        if self.packing == "none":
+            self.collate = self.procedure.collator(pad_token_id)
+        else:
+            self.collate = self.procedure.packed_collator(
+                pad_token_id, self.packing, self.config.packing_length
+            )
 
     def _loader(self, prepared, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle and self.config.group_by_length:
+            lengths = row_lengths(prepared.dataset)
+            sampler = LengthGroupedSampler(lengths, self.config.batch_size, self.config.seed)
         return DataLoader(
             prepared.dataset,
             batch_size=self.config.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             collate_fn=self.collate,
             drop_last=False,
         )
@@ -165,12 +277,14 @@ class Trainer:
         mode = choose_reference_mode(self.config, self.spec)
         self.reference_mode = mode
         logger.info("method %s: reference mode %s", self.spec.name, mode)
+        log_sharded_plan(self.sharding, mode)
         if mode == "none":
             return {"train": None, "eval": None}
         if mode == "adapter":
-            reference = AdapterOffReference(self.policy)
+            reference = AdapterOffReference(*self._policy_runner())
             return {"train": reference, "eval": reference}
         if mode == "model":
+            refuse_separate_reference(self.sharding)
             reference = self._frozen_reference()
             return {"train": reference, "eval": reference}
         splits = {"train": self.train_data, "eval": self.eval_data}
@@ -182,11 +296,25 @@ class Trainer:
     def _frozen_reference(self) -> FrozenReference:
         name = self.config.reference or self.config.model
         model = load_model(name, self.dtype)
-        return FrozenReference(CompletionScorer(model, chunk_size=self.config.logps_chunk_size))
+        scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
+        return FrozenReference(scorer.to(self.accelerator.device))
+
+    def _policy_runner(self) -> tuple[CompletionScorer, torch.nn.Module]:
+        """(the plain policy scorer, the module to call for reference forwards): the sharded
+        wrapper under FSDP / ZeRO-3 (it gathers the weights), else the plain scorer (no DDP
+        collective in a forward that has no backward)."""
+        scorer = self.accelerator.unwrap_model(self.policy)
+        return scorer, self.policy if self.sharding else scorer
 
     def _reference_for_precompute(self):
-        if self.config.lora and self.config.reference is None:
-            return AdapterOffReference(self.policy)
+        """Without ``--reference`` the policy before its first step is the reference: score
+        with it (LoRA: adapter off) instead of loading a second copy of the weights."""
+        if self.config.reference is None:
+            scorer, runner = self._policy_runner()
+            if self.config.lora:
+                return AdapterOffReference(scorer, runner)
+            return StartingPolicyReference(runner)
+        refuse_other_reference(self.sharding, self.config.reference)
         return self._frozen_reference()
 
     def _precomputed(self, prepared):
@@ -210,13 +338,17 @@ class Trainer:
             return cached
         logger.info("reference log-probs: computing for %d rows (cache %s)", num_rows, key.digest)
         reference = self._reference_for_precompute()
-        if isinstance(reference, FrozenReference):
-            reference.scorer.to(self.accelerator.device)
         loader = self.accelerator.prepare_data_loader(self._loader(prepared, shuffle=False))
         with self.accelerator.autocast():
             table = compute_reference_logps(
                 reference, loader, num_rows, gather=self.accelerator.gather_for_metrics
             )
+        logger.info(
+            "reference log-probs: process %d scored %d of %d rows",
+            self.accelerator.process_index,
+            table.local_rows,
+            num_rows,
+        )
         if self.is_main:
             save_cached(cache_dir, key, table)
         self.accelerator.wait_for_everyone()
@@ -232,13 +364,17 @@ class Trainer:
                 lr=config.learning_rate,
                 weight_decay=config.weight_decay,
                 betas=(config.adam_beta1, config.adam_beta2),
+                # One kernel over all parameters (CPU and GPU); the default is a Python loop
+                # over parameters on CPU.
+                fused=config.fused_optimizer or None,
             )
         else:
             self.optimizer = torch.optim.RMSprop(
                 params, lr=config.learning_rate, weight_decay=config.weight_decay
             )
         self.train_loader = self._loader(self.train_data, shuffle=config.shuffle)
-        micro_batches = len(self.train_loader) // self.accelerator.num_processes or 1
+        # Per process after sharding: accelerate gives every process ceil(batches / processes).
+        micro_batches = math.ceil(len(self.train_loader) / self.accelerator.num_processes)
         self.steps_per_epoch = max(1, math.ceil(micro_batches / config.gradient_accumulation_steps))
         self.max_steps = config.max_steps or math.ceil(config.num_epochs * self.steps_per_epoch)
         warmup = config.warmup_steps
@@ -257,10 +393,6 @@ class Trainer:
             self.policy, self.optimizer, self.train_loader
         )
         acc.register_for_checkpointing(self.scheduler)
-        for name in ("train", "eval"):
-            reference = self.references[name]
-            if isinstance(reference, FrozenReference):
-                reference.scorer.to(acc.device)
         self.eval_loader = None
         if self.eval_data is not None:
             self.eval_loader = acc.prepare_data_loader(self._loader(self.eval_data, shuffle=False))
@@ -284,13 +416,17 @@ class Trainer:
     def train(self) -> TrainResult:
         config, acc = self.config, self.accelerator
         writer = MetricsWriter(self.output_dir, enabled=self.is_main)
+        # Reseed: setup draws from the RNG only sometimes (a reference-table cache miss iterates
+        # a data loader, which draws a seed), and dropout must not depend on the cache's state.
+        # A resumed run then restores the checkpoint's RNG state.
+        set_seed(config.seed)
         step, epoch, batches_done = self._resume(writer)
         if config.report_to != "none":
             acc.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
         context = self._context("train")
         averager = MetricAverager()
         history: list[dict] = []
-        skipped = 0
+        self.skipped_batches = 0  # non-finite batches skipped (nonfinite=skip); logged each step
         progress = tqdm(
             total=self.max_steps,
             initial=step,
@@ -309,21 +445,26 @@ class Trainer:
             )
             for batch in loader:
                 batches_done += 1
-                with acc.accumulate(self.policy):
+                with acc.accumulate(self.policy), self._explain_oom(step, batch):
                     out = self.procedure.step(context, batch)
                     if not self._finite(out.loss):
-                        skipped += self._nonfinite(step, epoch, batches_done, batch, "loss")
+                        self.skipped_batches += self._nonfinite(
+                            step, epoch, batches_done, batch, "loss"
+                        )
                         self.optimizer.zero_grad()
                         averager.mean(acc)  # drop this step's partial metrics
                         continue
                     acc.backward(out.loss)
                     averager.add(out.metrics)
+                    averager.add({"padding_fraction": padding_fraction(batch)})
                     tokens += int(batch["attention_mask"].sum())
                     if not acc.sync_gradients:
                         continue
                     grad_norm = self._clip()
                     if not self._finite(grad_norm):
-                        skipped += self._nonfinite(step, epoch, batches_done, batch, "gradient")
+                        self.skipped_batches += self._nonfinite(
+                            step, epoch, batches_done, batch, "gradient"
+                        )
                         self.optimizer.zero_grad()
                         averager.mean(acc)
                         continue
@@ -351,16 +492,30 @@ class Trainer:
         final_dir = self.save_final()
         if config.report_to != "none":
             acc.end_training()
-        return TrainResult(self.output_dir, final_dir, step, history, skipped)
+        return TrainResult(self.output_dir, final_dir, step, history, self.skipped_batches)
 
-    def _finite(self, value: torch.Tensor) -> bool:
-        """True on every process only if the value is finite on all of them."""
+    @contextlib.contextmanager
+    def _explain_oom(self, step: int, batch: dict):
+        """Turn a device out-of-memory error into one that names the batch shape and the
+        settings that shrink memory."""
+        try:
+            yield
+        except OUT_OF_MEMORY_ERRORS as err:
+            message = oom_message(self.config, step + 1, batch, self.reference_mode)
+            raise OutOfMemoryError(message) from err
+
+    def _finite(self, value: torch.Tensor | None) -> bool:
+        """True on every process only if the value is finite on all of them (None: unknown,
+        e.g. DeepSpeed clips inside its own step)."""
+        if value is None:
+            return True
         flag = torch.tensor(
             [float(torch.isfinite(torch.as_tensor(value)).all())], device=self.accelerator.device
         )
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="min")
-        return bool(flag.item() == 1.0)
+            # accelerate's reduce knows only sum and mean: finite everywhere <=> sum == processes
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() == self.accelerator.num_processes)
 
     def _nonfinite(self, step, epoch, batches_done, batch, what) -> int:
         rows = batch["index"].tolist()
@@ -383,7 +538,8 @@ class Trainer:
 
     def _log(self, step, averager, grad_norm, tokens, tick, writer, progress) -> dict:
         record = {"step": step, "split": "train", **averager.mean(self.accelerator)}
-        record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+        record["skipped_batches"] = self.skipped_batches
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["tokens_per_second"] = (
             tokens * self.accelerator.num_processes / max(time.perf_counter() - tick, 1e-9)
@@ -455,7 +611,8 @@ class Trainer:
             self.tokenizer.save_pretrained(final_dir)
             if is_peft_model(model) and self.config.merge_lora:
                 merged_dir = self.output_dir / "final-merged"
-                model.merge_and_unload().save_pretrained(merged_dir)
+                # merge a copy: merging in place would strip the adapter from the live policy
+                copy.deepcopy(model).merge_and_unload().save_pretrained(merged_dir)
                 self.tokenizer.save_pretrained(merged_dir)
         acc.wait_for_everyone()
         return final_dir
@@ -467,5 +624,6 @@ def train(config: TrainConfig) -> TrainResult:
     Methods whose table entry names a driver (SPIN's rounds, stepwise DPO's stages) run through
     it; every other method is one :class:`Trainer` run.
     """
+    init_processes()  # before a driver's first PartialState(): it would settle the backend
     driver = DRIVERS.get(get_method(config.method).procedure or "")
     return driver(config) if driver is not None else Trainer(config).train()

@@ -30,11 +30,14 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SCORER_KEYS",
     "CompletionScorer",
     "ScoreOutput",
     "chunked_token_kl",
     "chunked_token_logps",
     "full_logits_logps",
+    "packed_attention_mask",
+    "scorer_kwargs",
     "sequence_kl_from_hidden",
 ]
 
@@ -112,31 +115,50 @@ def _cast_grad(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor
     return grad.to(like.dtype) if needed and grad is not None else None
 
 
+def _softmax_stats_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """In place: logits (C, V) -> exp(logits - max). Returns (target logit, max, sum of exp), (C,).
+
+    One (C, V) buffer instead of logsumexp's extra temporary; lse = max + log(sum).
+    """
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)  # (C,)
+    row_max = logits.amax(dim=1)  # (C,)
+    # As in torch.logsumexp: a row whose max is +-inf is shifted by 0, not by inf (inf - inf = NaN).
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sums = logits.sub_(row_max[:, None]).exp_().sum(dim=1)  # (C,)
+    return target_logits, row_max, sums
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """logp_i = z_i[y_i] - logsumexp(z_i), z_i = W h_i + b, one chunk of rows at a time.
 
-    Saves only the inputs and the (N,) log-normaliser; backward recomputes each chunk's logits:
-    d logp_i / d z_i = onehot(y_i) - softmax(z_i). The weight gradient is accumulated over chunks
-    in fp32 (a (V, H) buffer) so a bf16 head is not rounded once per chunk.
+    Saves the inputs and the (N,) log-normaliser; d logp_i / d z_i = onehot(y_i) - softmax(z_i).
+    Backward recomputes each chunk's logits, except for the first ``save_rows`` rows, whose softmax
+    the forward keeps (O(save_rows x V) memory for one matmul of 2 x rows x H x V FLOPs fewer).
+    The weight gradient is accumulated over chunks in fp32 (a (V, H) buffer) so a bf16 head is not
+    rounded once per chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, save_rows):
         dtype = _compute_dtype(hidden, weight, bias)
         logps = hidden.new_empty(hidden.shape[0], dtype=dtype)  # (N,)
         lse = hidden.new_empty(hidden.shape[0], dtype=dtype)  # (N,)
+        probs = []  # softmax of the chunks that fit in save_rows, (C, V) each
         with _no_autocast(hidden.device):
             for rows in _row_chunks(hidden.shape[0], chunk_size):
                 logits = _chunk_logits(hidden[rows], weight, bias, dtype)  # (C, V)
-                lse[rows] = logits.logsumexp(dim=-1)
-                logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                target_logits, row_max, sums = _softmax_stats_(logits, targets[rows])
+                lse[rows] = row_max + sums.log()
+                logps[rows] = target_logits - lse[rows]
+                if rows.stop <= save_rows:
+                    probs.append(logits.div_(sums[:, None]))  # exp(z - max) / sum = softmax(z)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, *probs)
         ctx.chunk_size = chunk_size
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, *probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = lse.dtype
         grad_logps = grad_logps.to(dtype)  # (N,)
@@ -144,11 +166,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_weight = weight.new_zeros(weight.shape, dtype=dtype) if need_w else None  # (V, H)
         grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_b else None  # (V,)
         with _no_autocast(hidden.device):
-            for rows in _row_chunks(hidden.shape[0], ctx.chunk_size):
-                logits = _chunk_logits(hidden[rows], weight, bias, dtype)  # (C, V)
+            for i, rows in enumerate(_row_chunks(hidden.shape[0], ctx.chunk_size)):
+                if i < len(probs):
+                    # The saved softmax is used up here: a second backward through this graph
+                    # (retain_graph=True) fails loudly on the version check instead of silently
+                    # reading gradients.
+                    softmax = probs[i]  # (C, V)
+                else:
+                    logits = _chunk_logits(hidden[rows], weight, bias, dtype)  # (C, V)
+                    softmax = logits.sub_(lse[rows, None]).exp_()
                 g = grad_logps[rows, None]  # (C, 1)
-                # g * (onehot(y) - softmax(z)), built in the logits buffer to avoid a second (C, V).
-                grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g)
+                # g * (onehot(y) - softmax(z)), built in the softmax buffer: no second (C, V).
+                grad_logits = softmax.mul_(-g)
                 grad_logits.scatter_add_(1, targets[rows, None], g)
                 grad_hidden[rows] = _chunk_backward(grad_logits, hidden[rows], weight, grad_weight)
                 if grad_bias is not None:
@@ -157,6 +186,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             _cast_grad(grad_hidden, hidden, need_h),
             _cast_grad(grad_weight, weight, need_w),
             _cast_grad(grad_bias, bias, need_b),
+            None,
             None,
             None,
         )
@@ -168,8 +198,9 @@ def chunked_token_logps(
     targets: Tensor,
     bias: Tensor | None = None,
     chunk_size: int = 1024,
+    save_rows: int = 0,
 ) -> Tensor:
-    """Log-probability of each target token under an LM head, without saving any (N, V) logits.
+    """Log-probability of each target token under an LM head, without materialising (N, V) logits.
 
         logp_i = (W h_i + b)[y_i] - logsumexp(W h_i + b)
 
@@ -178,13 +209,18 @@ def chunked_token_logps(
         weight: (V, H) LM-head weight. bias: optional (V,).
         targets: (N,) token ids.
         chunk_size: rows per chunk; extra memory is O(chunk_size x V) in forward and backward.
+        save_rows: keep the softmax of (about) the first ``save_rows`` rows, whole chunks only,
+            from forward for backward instead of recomputing their logits: faster by one
+            (rows, H) x (H, V) matmul, at 4 x V bytes per row. 0 (default): recompute all.
 
     Returns:
         (N,) fp32 log-probs (fp64 if an input is fp64), differentiable wrt hidden, weight, bias.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk_size)
+    if save_rows < 0:
+        raise ValueError(f"save_rows must be >= 0, got {save_rows}")
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk_size, save_rows)
 
 
 def _kl_terms(logits_pol: Tensor, lse_pol: Tensor, logits_ref: Tensor, lse_ref: Tensor) -> Tensor:
@@ -421,6 +457,9 @@ class CompletionScorer(nn.Module):
     states that predict completion tokens, and scores them with :func:`chunked_token_logps` using
     ``model.get_output_embeddings()``'s weight and bias; gradients reach the head through it.
 
+    Packed rows (several sequences per row, :mod:`dpokit.data.packing`) are scored per sequence
+    given ``sequence_ids`` and attention structure ``segment_ids``/``branch_ids``.
+
     A model whose logits are not ``h @ W.T + b`` (logit soft-capping or scaling in its config, no
     separate decoder, a non-Linear or hooked head) is scored by the exact path instead: the full
     model's logits at the completion positions only (via ``logits_to_keep`` when supported). With
@@ -434,12 +473,22 @@ class CompletionScorer(nn.Module):
         chunk_size: rows per LM-head chunk (extra memory O(chunk_size x V)).
         fast: None = choose automatically; True = require the fast path (raise if impossible, no
             numeric check); False = always use the exact path.
+        saved_softmax_mb: fast path, with gradients: keep up to this many MB of completion-token
+            softmax (fp32, 4 x V bytes per token) from forward for backward instead of
+            recomputing those logits; 0 keeps none (the least memory).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, fast: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_size: int = 1024,
+        fast: bool | None = None,
+        saved_softmax_mb: int = 0,
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.saved_softmax_mb = saved_softmax_mb
         blocker = _fast_path_blocker(model)
         if fast and blocker is not None:
             raise ValueError(f"fast=True but the fast path cannot score this model: {blocker}")
@@ -470,35 +519,57 @@ class CompletionScorer(nn.Module):
         completion_mask: Tensor,
         position_ids: Tensor | None = None,
         return_hidden: bool = False,
+        sequence_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        branch_ids: Tensor | None = None,
     ) -> ScoreOutput:
-        """Score the completion tokens of each row.
+        """Score the completion tokens of each row, or of each sequence packed in the rows.
 
         Args:
-            input_ids, attention_mask: (N, T), usually right-padded.
-            completion_mask: (N, T) bool, True on the completion tokens to score.
-            position_ids: optional (N, T), passed to the model (e.g. for packed rows).
+            input_ids, attention_mask: (R, T), usually right-padded; attention_mask is 1 on real
+                tokens.
+            completion_mask: (R, T) bool, True on the completion tokens to score.
+            position_ids: optional (R, T), passed to the model (required for packed rows).
             return_hidden: also return the gathered hidden states (M, H) (or, on the exact path,
                 log-probs (M, V)) for :func:`sequence_kl_from_hidden`.
+            sequence_ids: packed rows (:mod:`dpokit.data.packing`): (R, T) long, the output
+                sequence each completion token is scored into; the output then has one entry per
+                sequence (max id + 1) instead of one per row.
+            segment_ids, branch_ids: packed rows: (R, T) long, who attends to whom (see
+                :func:`packed_attention_mask`); attention_mask then only marks real tokens.
         """
-        scored = _scored_positions(completion_mask, attention_mask)  # (N, T-1)
+        scored = _scored_positions(completion_mask, attention_mask)  # (R, T-1)
         targets = input_ids[:, 1:][scored]  # (M,)
-        row_index = scored.nonzero()[:, 0]  # (M,)
+        if sequence_ids is None:
+            row_index = scored.nonzero()[:, 0]  # (M,)
+            n_out = scored.shape[0]
+        else:
+            row_index = sequence_ids[:, 1:][scored]  # (M,)
+            if (row_index < 0).any():
+                raise ValueError("a scored completion token has no sequence id (sequence_ids < 0)")
+            n_out = int(row_index.max()) + 1 if len(row_index) else 0
+        model_kwargs = self._model_kwargs(attention_mask, position_ids, segment_ids, branch_ids)
         if self.fast and not self._verified:
-            self._verify_fast_path(input_ids, attention_mask, scored, position_ids)
+            self._verify_fast_path(input_ids, scored, model_kwargs)
         if self.fast:
-            hidden = self._completion_hidden(input_ids, attention_mask, scored, position_ids)
+            hidden = self._completion_hidden(input_ids, scored, model_kwargs)
             head = self.head
             token_logps = chunked_token_logps(
-                hidden, head.weight, targets, getattr(head, "bias", None), self.chunk_size
+                hidden,
+                head.weight,
+                targets,
+                getattr(head, "bias", None),
+                self.chunk_size,
+                save_rows=self._save_rows(head.weight) if torch.is_grad_enabled() else 0,
             )
             extra = {"completion_hidden": hidden if return_hidden else None}
         else:
-            logits = self._completion_logits(input_ids, attention_mask, scored, position_ids)
+            logits = self._completion_logits(input_ids, scored, model_kwargs)
             logprobs = logits.float().log_softmax(dim=-1)  # (M, V)
             token_logps = logprobs.gather(1, targets[:, None]).squeeze(1)  # (M,)
             extra = {"completion_logprobs": logprobs if return_hidden else None}
-        logps = _sum_per_row(token_logps, row_index, scored.shape[0])  # (N,)
-        counts = scored.sum(dim=1)  # (N,)
+        logps = _sum_per_row(token_logps, row_index, n_out)  # (N,)
+        counts = torch.bincount(row_index, minlength=n_out)  # (N,)
         return ScoreOutput(
             logps=logps,
             token_counts=counts,
@@ -508,38 +579,56 @@ class CompletionScorer(nn.Module):
             **extra,
         )
 
-    def _completion_hidden(self, input_ids, attention_mask, scored, position_ids) -> Tensor:
+    def _save_rows(self, weight: Tensor) -> int:
+        """Completion tokens whose softmax fits in ``saved_softmax_mb`` (fp32, V per token)."""
+        return (self.saved_softmax_mb << 20) // (4 * weight.shape[0])
+
+    def _model_kwargs(self, attention_mask, position_ids, segment_ids, branch_ids) -> dict:
+        """attention_mask / position_ids for the model: the 2D mask as is, or for packed rows a
+        (R, 1, T, T) mask built here (sdpa: bool, eager: additive), or position ids alone
+        (flash-attention's varlen kernels find the sequence boundaries from them)."""
+        if segment_ids is None:
+            return {"attention_mask": attention_mask, "position_ids": position_ids}
+        if position_ids is None:
+            raise ValueError("packed rows need position_ids")
+        implementation = getattr(_unwrap(self.model).config, "_attn_implementation", None) or ""
+        if "flash" in implementation:
+            if branch_ids is not None and bool((branch_ids != 0).any()):
+                raise ValueError(
+                    f"packing=shared_prompt needs a custom attention mask, which {implementation} "
+                    "does not take; load the model with attn_implementation='sdpa' or use "
+                    "packing=padding_free"
+                )
+            return {"attention_mask": None, "position_ids": position_ids}
+        mask = packed_attention_mask(segment_ids, branch_ids)  # (R, 1, T, T) bool
+        if implementation != "sdpa":  # eager and others add the mask to the scores
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min
+            )
+        return {"attention_mask": mask, "position_ids": position_ids}
+
+    def _completion_hidden(self, input_ids, scored, model_kwargs) -> Tensor:
         """Fast path: decoder only, then the hidden states that predict completion tokens. (M, H)"""
-        out = self.model.get_decoder()(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
+        out = self.model.get_decoder()(input_ids=input_ids, use_cache=False, **model_kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[:, :-1][scored]  # (N, T, H) -> (M, H)
 
-    def _completion_logits(self, input_ids, attention_mask, scored, position_ids) -> Tensor:
+    def _completion_logits(self, input_ids, scored, model_kwargs) -> Tensor:
         """Exact path: the full model's logits at the completion positions only. (M, V)"""
         seq_len = input_ids.shape[1]
         used = scored.any(dim=0).nonzero()  # columns (positions) that predict some completion
         first = int(used[0]) if len(used) else seq_len - 1
         keep = seq_len - first  # the last `keep` positions cover every scored one
         kwargs = {"logits_to_keep": keep} if self._takes_logits_to_keep else {}
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        ).logits
+        logits = self.model(input_ids=input_ids, use_cache=False, **model_kwargs, **kwargs).logits
         logits = logits[:, -keep:]  # (N, keep, V) whether or not logits_to_keep was honoured
         # Position p predicts token p+1; keep ends at position T-1, which predicts nothing.
         return logits[:, :-1][scored[:, first:]]  # (M, V) in the model's dtype
 
     @torch.no_grad()
-    def _verify_fast_path(self, input_ids, attention_mask, scored, position_ids) -> None:
-        """Once: compare fast and exact log-probs on one sequence; switch to exact if they differ.
+    def _verify_fast_path(self, input_ids, scored, model_kwargs) -> None:
+        """Once: compare fast and exact log-probs on one row; switch to exact if they differ.
 
         Catches logit transforms that no config field announces. Runs in eval mode (no dropout).
         """
@@ -551,7 +640,7 @@ class CompletionScorer(nn.Module):
         def one(t: Tensor | None) -> Tensor | None:
             return t[r] if t is not None and t.shape[0] == scored.shape[0] else t
 
-        args = (one(input_ids), one(attention_mask), scored[r], one(position_ids))
+        args = (one(input_ids), scored[r], {k: one(v) for k, v in model_kwargs.items()})
         targets = input_ids[r, 1:][scored[r]]
         with _eval_mode(self.model):
             head = self.head
@@ -568,6 +657,34 @@ class CompletionScorer(nn.Module):
         if error > tol:
             reason = f"its logits are not decoder @ W.T + b (max |diff| {error:.3g} > {tol:.3g})"
             self._use_exact_path(reason)
+
+
+SCORER_KEYS = ("position_ids", "sequence_ids", "segment_ids", "branch_ids")
+
+
+def scorer_kwargs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The optional layout arguments of :class:`CompletionScorer` (``position_ids`` and the
+    packed-row keys of :mod:`dpokit.data.packing`) that a collated batch carries."""
+    return {key: batch[key] for key in SCORER_KEYS if batch.get(key) is not None}
+
+
+def packed_attention_mask(segment_ids: Tensor, branch_ids: Tensor | None = None) -> Tensor:
+    """(R, T) segment and branch ids -> (R, 1, T, T) bool mask, True where query i sees key j.
+
+        mask[i, j] = j <= i  and  segment[j] == segment[i]  and  (branch[j] == 0 or branch[j] == branch[i])
+
+    Branch 0 is a prefix shared by every branch of its segment (a pair's prompt); branches b > 0
+    see the prefix and themselves only (chosen and rejected never see each other). Padding has a
+    segment of its own, so every query sees at least itself and no softmax row is empty.
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (R, T, T)
+    mask = same & causal
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]  # (R, 1, T)
+        mask &= (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    return mask[:, None]  # (R, 1, T, T)
 
 
 def _sum_per_row(values: Tensor, row_index: Tensor, n_rows: int) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,27 +13,36 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricAverager:
-    """Sums detached scalars over the micro-batches of one optimizer step."""
+    """Sums detached scalars over the micro-batches of one optimizer step.
+
+    A NaN value means "this micro-batch cannot measure it" (KTO's mean reward of desirable
+    examples in a batch without one) and is left out of that metric's mean; a metric no
+    micro-batch measured is NaN.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for name, value in metrics.items():
-            self.sums[name] += float(value)
-        self.count += 1
+            value = float(value)
+            self.counts[name] += 0  # every process must know every name (collective below)
+            if not math.isnan(value):
+                self.sums[name] += value
+                self.counts[name] += 1
 
     def mean(self, accelerator=None) -> dict[str, float]:
-        """Mean over micro-batches, then over processes (every process must call it)."""
-        names = sorted(self.sums)
-        values = torch.tensor(
-            [self.sums[n] / max(self.count, 1) for n in names], dtype=torch.float64
-        )
+        """Mean over micro-batches and processes (every process must call it)."""
+        names = sorted(self.counts)
+        stats = torch.tensor(
+            [[self.sums[n], float(self.counts[n])] for n in names], dtype=torch.float64
+        ).reshape(len(names), 2)
         if accelerator is not None and accelerator.num_processes > 1:
-            values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        values = stats[:, 0] / stats[:, 1]  # 0/0 = NaN: measured nowhere
         self.sums.clear()
-        self.count = 0
+        self.counts.clear()
         return dict(zip(names, values.tolist(), strict=True))
 
 
@@ -56,9 +66,17 @@ class MetricsWriter:
         kept = [
             line
             for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if (record := _parse(line)) is not None and record.get("step", 0) <= step
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def _parse(line: str) -> dict | None:
+    """One record, or None for a blank line or the half line a killed process left behind."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

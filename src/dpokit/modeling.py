@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from dpokit.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ def load_tokenizer(name_or_path: str, chat_template_file: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer of {name_or_path} has neither a pad nor an EOS token; set one "
                 "(tokenizer.pad_token = ...) and save it"
             )
@@ -32,6 +35,67 @@ def load_tokenizer(name_or_path: str, chat_template_file: str | None = None):
         tokenizer.chat_template = Path(chat_template_file).read_text()
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+# Config fields that bound the positions a model can attend over, by model family.
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The longest sequence the model's config admits (None if it names no bound or no config
+    can be read here; then loading the model reports the problem)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in POSITION_LIMITS:
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def longest_sequence(dataset) -> int:
+    """Tokens in the longest prompt + completion of prepared rows: the ``prompt_input_ids``
+    column plus the longest of the other ``*input_ids`` columns, row by row (Arrow compute)."""
+    table = dataset.data  # the whole Arrow table: rows dropped or held out only add empty lists
+    lengths = {
+        name: pc.list_value_length(table.column(name)).fill_null(0)
+        for name in table.column_names
+        if name.endswith("input_ids")
+    }
+    prompt = lengths.pop("prompt_input_ids", None)
+    if not lengths:
+        return int(pc.max(prompt).as_py() or 0) if prompt is not None else 0
+    completion = pc.max_element_wise(*lengths.values())
+    total = completion if prompt is None else pc.add(prompt, completion)
+    return int(pc.max(total).as_py() or 0)
+
+
+def check_positions(name_or_path: str, max_length: int, longest: int) -> None:
+    """Refuse rows longer than the model's positions, from its config, before any weights load:
+    past them learned position embeddings index out of range and RoPE models extrapolate to
+    positions they never saw. A ``max_length`` beyond them that no row reaches only warns."""
+    limit = max_positions(name_or_path)
+    if limit is None or max_length <= limit:
+        return
+    if longest > limit:
+        raise ConfigError(
+            f"max_length={max_length} exceeds the {limit} positions of {name_or_path} "
+            f"(max_position_embeddings) and the longest row has {longest} tokens; set "
+            f"max_length={limit} or less (and max_prompt_length below it): longer rows are then "
+            "truncated and counted in the data summary"
+        )
+    logger.warning(
+        "max_length=%d exceeds the %d positions of %s; the longest row has %d tokens, so none "
+        "is affected (set max_length<=%d for data with longer rows)",
+        max_length,
+        limit,
+        name_or_path,
+        longest,
+        limit,
+    )
 
 
 def resolve_dtype(name: str) -> torch.dtype:

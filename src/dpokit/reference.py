@@ -6,6 +6,8 @@
 3. :class:`PrecomputedReference` - sequence log-probs computed once before training, in eval mode,
    and cached on disk under a key that hashes the reference weights' identity, the dataset
    fingerprint and the tokenization settings; reused across runs, recomputed when any changes.
+   Without ``--reference`` the table is scored by the policy itself before its first step
+   (:class:`StartingPolicyReference`), each process scoring its shard of the rows.
 
 All three answer ``score(batch, return_hidden)`` with the same :class:`~dpokit.logprobs.ScoreOutput`
 the policy gives, under ``no_grad``, so the engine never asks which one it holds.
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpokit.logprobs import CompletionScorer, ScoreOutput
+from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class FrozenReference:
             batch["input_ids"],
             batch["attention_mask"],
             batch["completion_mask"],
-            position_ids=batch.get("position_ids"),
+            **scorer_kwargs(batch),  # position ids; packed rows' layout
             return_hidden=return_hidden,
         )
 
@@ -66,19 +68,25 @@ class FrozenReference:
 
 
 class AdapterOffReference:
-    """The LoRA policy with its adapter disabled: the base weights are the reference."""
+    """The LoRA policy with its adapter disabled: the base weights are the reference.
 
-    def __init__(self, policy_scorer: CompletionScorer):
+    ``runner`` is the module called to score (default: ``policy_scorer``). Under FSDP / ZeRO-3 it
+    is the sharded wrapper, whose forward gathers the weights; under DDP the plain scorer, so the
+    reference forward runs no collective.
+    """
+
+    def __init__(self, policy_scorer: CompletionScorer, runner: torch.nn.Module | None = None):
         self.policy_scorer = policy_scorer  # the unwrapped scorer (not the DDP wrapper)
+        self.runner = runner if runner is not None else policy_scorer
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
-        with self.policy_scorer.model.disable_adapter(), eval_mode(self.policy_scorer):
-            return self.policy_scorer(
+        with self.policy_scorer.model.disable_adapter(), eval_mode(self.runner):
+            return self.runner(
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["completion_mask"],
-                position_ids=batch.get("position_ids"),
+                **scorer_kwargs(batch),  # position ids; packed rows' layout
                 return_hidden=return_hidden,
             )
 
@@ -87,12 +95,36 @@ class AdapterOffReference:
         return self.policy_scorer.model.get_output_embeddings()
 
 
+class StartingPolicyReference:
+    """The policy before its first step, which *is* the reference then (no ``--reference``).
+
+    Used only to pre-compute the reference log-probs: no second copy of the weights is loaded,
+    and under FSDP / ZeRO-3 ``runner`` (the sharded wrapper) gathers the weights as training
+    does. Scores in eval mode (no dropout) under ``no_grad``; never freezes the policy.
+    """
+
+    def __init__(self, runner: torch.nn.Module):
+        self.runner = runner
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        with eval_mode(self.runner):
+            return self.runner(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                **scorer_kwargs(batch),  # position ids; packed rows' layout
+                return_hidden=return_hidden,
+            )
+
+
 class PrecomputedReference:
     """Sequence log-probs looked up by the row ``index`` each batch carries."""
 
     def __init__(self, logps: torch.Tensor, token_counts: torch.Tensor):
         self.logps = logps  # (num_rows, 2): chosen, rejected
         self.token_counts = token_counts  # (num_rows, 2)
+        self.local_rows = 0  # rows this process scored when it computed the table (0: cached)
 
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
         if return_hidden:
@@ -210,9 +242,11 @@ def compute_reference_logps(
     """
     logps = torch.full((num_rows, 2), float("nan"))
     counts = torch.zeros((num_rows, 2), dtype=torch.long)
+    local_rows = 0  # this process's shard (the gathered table holds every row)
     for batch in batches:
         out = reference.score(batch)
         pairs = batch["index"].shape[0]
+        local_rows += pairs
         index = batch["index"]  # (B,)
         row_logps = out.logps.float().view(2, pairs).T  # (B, 2): chosen, rejected
         row_counts = out.token_counts.view(2, pairs).T  # (B, 2)
@@ -223,4 +257,6 @@ def compute_reference_logps(
     if torch.isnan(logps).any():
         missing = int(torch.isnan(logps[:, 0]).sum())
         raise RuntimeError(f"reference log-probs missing for {missing} of {num_rows} rows")
-    return PrecomputedReference(logps, counts)
+    table = PrecomputedReference(logps, counts)
+    table.local_rows = local_rows
+    return table

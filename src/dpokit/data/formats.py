@@ -104,6 +104,8 @@ def feature_kind(feature) -> str:
         inner = feature.feature
     if isinstance(inner, dict) and {"role", "content"} <= set(inner):
         return "messages"
+    if type(inner).__name__ == "Json":
+        return "mixed"  # lists of dicts whose keys differ between rows (a message lacks one)
     return "other"
 
 
@@ -148,7 +150,20 @@ def read_text(row: Mapping, field: str, completion: bool = False) -> str:
         raise InvalidRow(f"field {field!r} must be a string, got {type(value).__name__}")
     if completion and not value.strip():
         raise InvalidRow(f"empty completion in field {field!r}")
-    return value
+    return check_unicode(value, field)
+
+
+def check_unicode(text: str, field: str) -> str:
+    """``text`` if it is valid Unicode; a JSON escape such as "\\ud800" gives a lone surrogate,
+    which no tokenizer (nor Arrow) can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRow(
+            f"field {field!r} is not valid Unicode: {error.reason} at character {error.start} "
+            f"({text[error.start]!r}; a lone UTF-16 surrogate from a \\u escape?)"
+        ) from None
+    return text
 
 
 def read_messages(row: Mapping, field: str) -> Messages:
@@ -164,6 +179,7 @@ def read_messages(row: Mapping, field: str) -> Messages:
                 f"field {field!r} message {position} must be a dict with string 'role' and "
                 f"'content', got {_describe(message)}"
             )
+        check_unicode(message["content"], f"{field}[{position}].content")
     # Arrow fills keys that other rows have with None; a template must not see them.
     return [{k: v for k, v in message.items() if v is not None} for message in value]
 
@@ -282,6 +298,8 @@ def _normalize_chat(row: Mapping, config: DataConfig) -> PairExample:
             f"field {config.prompt_field!r} must be a string or a message list, "
             f"got {type(prompt).__name__}"
         )
+    elif prompt is not None:
+        check_unicode(prompt, config.prompt_field)
     prompt, chosen, rejected = split_conversation(prompt, chosen, rejected)
     for field, messages in ((config.chosen_field, chosen), (config.rejected_field, rejected)):
         if not messages or any(not m["content"].strip() for m in messages):

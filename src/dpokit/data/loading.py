@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from .config import DataConfig
 from .errors import DataError, InvalidRow
-from .formats import detect_format, read_pair_row, row_column_kinds, scores_present
+from .formats import detect_format, feature_kind, read_pair_row, row_column_kinds, scores_present
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -112,6 +112,11 @@ def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
         if builder != "json":
             raise DataError(f"cannot load the {builder} file: {error}", source=str(path)) from error
         dataset = _rebuild_from_rows(_json_rows(path, jsonl), str(path), config, error)
+    else:
+        if jsonl and split in (None, "train") and len(dataset) != _count_lines(path):
+            # Arrow's reader takes what JSON lines forbid (two objects on one line, one object
+            # over several lines): read line by line to name the line.
+            dataset = _rebuild_from_rows(_json_rows(path, jsonl), str(path), config, None)
     fingerprint = _sha256_file(path, extra=f"{builder}|{split}")
     # Line numbers only mean something when the rows are the file's rows, unsliced.
     locator = RowLocator(str(path) if jsonl and split in (None, "train") else None)
@@ -151,6 +156,23 @@ def _pick_split(dataset_dict: datasets.DatasetDict, split: str | None, name: str
     if len(dataset_dict) == 1:
         return next(iter(dataset_dict.values()))
     raise DataError(f"several splits {sorted(dataset_dict)}: pass split=", source=name)
+
+
+def reread_mixed_pairs(src: Source, config: DataConfig) -> Source:
+    """Pairs from a JSON-lines file whose pair columns change type between rows, as Python reads
+    them.
+
+    ``datasets`` stores such a column as JSON text and decodes every string in it as JSON: the
+    completion "0" comes back as the number 0, "true" as True. Rows read back from it cannot be
+    checked, so the file is read line by line instead (naming the first bad line).
+    """
+    if src.locator.jsonl_path is None:
+        return src
+    features = src.dataset.features
+    if not any(feature_kind(features[f]) == "mixed" for f in _pair_fields(config) if f in features):
+        return src
+    rows = _json_rows(Path(src.locator.jsonl_path), jsonl=True)
+    return replace(src, dataset=_rebuild_from_rows(rows, src.name, config, None))
 
 
 # ---- re-reading rows in Python to name the bad one ----------------------------------------------
@@ -238,9 +260,16 @@ def _data_suffix(path: Path) -> str:
 
 def _open_text(path):
     path = str(path)
+    # utf-8-sig: a byte-order mark (Windows editors) is not part of the first row.
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _count_lines(path) -> int:
+    """Non-blank lines: the rows a JSON-lines file holds."""
+    with _open_text(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _is_json_lines(path: Path) -> bool:

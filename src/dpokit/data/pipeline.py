@@ -24,7 +24,7 @@ from .formats import (
     row_column_kinds,
     scores_present,
 )
-from .loading import RowLocator, Source, load_source
+from .loading import RowLocator, Source, load_source, reread_mixed_pairs
 from .summary import (
     COMPLETIONS_TRUNCATED,
     DROP_REASON,
@@ -76,7 +76,7 @@ def prepare_pairs(
     ``datasets.Dataset``/``DatasetDict`` or a list of dicts. Raises `DataError` for bad input.
     """
     config = config or DataConfig()
-    src = load_source(source, config, split)
+    src = reread_mixed_pairs(load_source(source, config, split), config)
     dataset = src.dataset.with_format(None)
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", source=src.name)

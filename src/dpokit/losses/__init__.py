@@ -12,7 +12,7 @@ from dpokit.losses.dpo import dpo_loss
 from dpokit.losses.dpop import dpop_loss
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_kl_baseline, kto_loss, kto_weight_balance
-from dpokit.losses.odpo import odpo_loss, odpo_offsets, odpo_valid_pairs
+from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets, odpo_valid_pairs
 from dpokit.losses.rdpo import rdpo_loss
 from dpokit.losses.registry import (
     METHODS,
@@ -42,6 +42,7 @@ __all__ = [
     "kto_kl_baseline",
     "kto_loss",
     "kto_weight_balance",
+    "odpo_data_kl",
     "odpo_loss",
     "odpo_offsets",
     "odpo_valid_pairs",

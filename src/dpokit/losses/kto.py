@@ -94,7 +94,8 @@ def kto_weight_balance(
     """The paper's balance ratio ``lam_D * n_D / (lam_U * n_U)``; warns outside [1, 4/3].
 
     KTO's authors recommend weights that keep this ratio in [1, 4/3]; with imbalanced data adjust
-    ``desirable_weight`` / ``undesirable_weight``.
+    ``desirable_weight`` / ``undesirable_weight``. The warning suggests either weight (the other
+    kept) that brings the ratio to the nearest end of the range.
     """
     if n_undesirable <= 0 or n_desirable <= 0:
         warnings.warn(
@@ -105,9 +106,14 @@ def kto_weight_balance(
         return float("inf") if n_undesirable <= 0 else 0.0
     ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
     if not 1.0 <= ratio <= 4 / 3:
+        target = 1.0 if ratio < 1.0 else 4 / 3  # the nearest end of the range
         warnings.warn(
             f"KTO balance desirable_weight*n_desirable / (undesirable_weight*n_undesirable) = "
-            f"{ratio:.3f} is outside the recommended [1, 4/3]; adjust the weights",
+            f"{desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}*{n_undesirable}) = "
+            f"{ratio:.3f} is outside the recommended [1, 4/3]; e.g. "
+            f"desirable_weight={target * undesirable_weight * n_undesirable / n_desirable:.4g} "
+            f"or undesirable_weight={desirable_weight * n_desirable / (target * n_undesirable):.4g}"
+            f" (ratio {target:.4g})",
             stacklevel=2,
         )
     return ratio

@@ -98,7 +98,7 @@ def odpo_loss(
         :class:`LossOutput` with rewards ``beta * rho`` (detached) and ``metrics["offset"]``.
 
     Traps: Delta is NOT multiplied by beta. The seed's optional ``kl_coef * KL(pi_theta || pi_ref)``
-    term is not part of this function (it needs samples from the policy; the engine adds it).
+    term is not part of this function: see :func:`odpo_data_kl` (the method table adds it).
     """
     check_range("beta", beta, 0.0, low_open=True)
     check_same_shape(
@@ -118,3 +118,32 @@ def odpo_loss(
         rejected_rewards=beta * rejected_logratios.detach(),
         metrics={"offset": offsets},
     )
+
+
+def odpo_data_kl(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+) -> Tensor:
+    """Per-pair estimate of KL(pi_theta || pi_ref) for the seed's ``+ kl_coef * KL`` term. (B,)
+
+    Equation::
+
+        KL_i ~= ((logp(y_w) - ref(y_w)) + (logp(y_l) - ref(y_l))) / 2 = (rho_w + rho_l) / 2
+
+    A Monte-Carlo-style estimate of E_{y ~ pi_theta}[log pi_theta(y|x) - log pi_ref(y|x)] that uses
+    the DATASET's completions in place of samples of the policy: no generation, but biased -- it
+    can be negative, and minimizing it lowers the policy's likelihood of the data's own answers
+    relative to the reference. Sequence-level (summed over completion tokens). Differentiable in
+    the policy log-probs.
+    """
+    check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    return (chosen_logratios + rejected_logratios) / 2

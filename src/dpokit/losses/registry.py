@@ -32,7 +32,7 @@ from dpokit.losses.dpo import dpo_loss
 from dpokit.losses.dpop import dpop_loss
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_loss
-from dpokit.losses.odpo import odpo_loss, odpo_offsets
+from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets
 from dpokit.losses.rdpo import rdpo_loss
 from dpokit.losses.simpo import simpo_loss
 from dpokit.losses.slic import slic_loss
@@ -243,11 +243,15 @@ def _compute_ipo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOu
 
 
 def _compute_odpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    # kl_coef is declared for the config but applied by the engine (it needs policy samples).
     logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
     score_chosen, score_rejected = inputs.require(name, "score_chosen", "score_rejected")
     offsets = odpo_offsets(score_chosen, score_rejected, alpha=hp["alpha"], form=hp["form"])
-    return odpo_loss(*logps, offsets.to(logps[0].dtype), beta=hp["beta"])
+    out = odpo_loss(*logps, offsets.to(logps[0].dtype), beta=hp["beta"])
+    kl = odpo_data_kl(*logps)  # (B,) on the data's completions, not on policy samples
+    if hp["kl_coef"] > 0:
+        out.losses = out.losses + hp["kl_coef"] * kl
+    out.metrics["kl/data"] = kl.detach()
+    return out
 
 
 def _compute_tdpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
@@ -379,9 +383,18 @@ _SPECS = [
             "target": Hyperparameter(
                 "chosen",
                 str,
-                "y_ref of the regularizer: the chosen answer, or a sample of the reference/SFT "
-                "model (policy_target_logps; the engine or data provides the sample)",
+                "y_ref of the regularizer: the chosen answer, or one sample per prompt of the "
+                "reference/SFT model, drawn before training and cached in the run directory",
                 choices=("chosen", "reference_sample"),
+            ),
+            "temperature": Hyperparameter(
+                1.0, float, "target=reference_sample: y_ref's sampling temperature; 0 = greedy", 0.0
+            ),
+            "max_new_tokens": Hyperparameter(
+                256, int, "target=reference_sample: longest y_ref, in tokens", 1
+            ),
+            "generation_batch_size": Hyperparameter(
+                16, int, "target=reference_sample: prompts per generate() call", 1
             ),
         },
         title="Sequence Likelihood Calibration (SLiC-HF)",
@@ -457,7 +470,21 @@ _SPECS = [
     _spec(
         "spin",
         _compute_spin,
-        {"lam": Hyperparameter(0.1, float, "DPO's beta for SPIN", 0.0, low_open=True)},
+        {
+            "lam": Hyperparameter(0.1, float, "DPO's beta for SPIN", 0.0, low_open=True),
+            "iterations": Hyperparameter(
+                3, int, "self-play rounds: generate with the current model, then train", 1
+            ),
+            "keep_previous": Hyperparameter(
+                False, bool, "also train on the previous iteration's generations (authors' code)"
+            ),
+            "temperature": Hyperparameter(
+                1.0, float, "sampling temperature of the generated answers; 0 = greedy", 0.0
+            ),
+            "top_p": Hyperparameter(1.0, float, "nucleus sampling mass", 0.0, 1.0, low_open=True),
+            "max_new_tokens": Hyperparameter(256, int, "longest generated answer, in tokens", 1),
+            "generation_batch_size": Hyperparameter(16, int, "prompts per generate() call", 1),
+        },
         title="Self-Play Fine-Tuning (SPIN)",
         paper="Chen et al. 2024, arXiv:2401.01335",
         formula="nls(lam * h), y_w = human answer, y_l = own sample, ref = previous iterate",
@@ -485,6 +512,13 @@ _SPECS = [
         {
             "beta": _BETA,
             "steps": Hyperparameter(2, int, "number of data chunks (training stages)", 1),
+            "order": Hyperparameter(
+                "data",
+                str,
+                "chunks without a `step` column: in data order, or easy_to_hard (largest "
+                "starting-model margin ref(y_w) - ref(y_l) first)",
+                choices=("data", "easy_to_hard"),
+            ),
         },
         title="Stepwise DPO (sDPO)",
         paper="Kim et al. 2024, sDPO: Don't Use Your Data All at Once, arXiv:2403.19270",
@@ -528,13 +562,14 @@ _SPECS = [
             "kl_coef": Hyperparameter(
                 0.0,
                 float,
-                "weight of the seed's optional + kl_coef * KL(policy || ref) term (engine)",
+                "weight of the seed's optional + kl_coef * KL(policy || ref) term, estimated as "
+                "(rho_w + rho_l) / 2 on the data's completions (not on policy samples)",
                 0.0,
             ),
         },
         title="DPO with an offset (ODPO)",
         paper="Amini et al. 2024, Direct Preference Optimization with an Offset, arXiv:2402.10571",
-        formula="nls(beta * h - alpha * log(s_w - s_l))",
+        formula="nls(beta * h - alpha * log(s_w - s_l)) [+ kl_coef * (rho_w + rho_l) / 2]",
         loss=odpo_loss,
         reference="logps",
         scores=True,

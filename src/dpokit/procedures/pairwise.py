@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.logprobs import ScoreOutput, sequence_kl_from_hidden
+from dpokit.logprobs import ScoreOutput, scorer_kwargs, sequence_kl_from_hidden
 from dpokit.losses import LossInputs, LossOutput, MethodSpec
 
 
@@ -39,15 +39,16 @@ class StepContext:
 def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
     spec = ctx.spec
     policy_out: ScoreOutput = ctx.policy(
-        batch["input_ids"],  # (2B, T): chosen rows, then rejected rows
+        batch["input_ids"],  # (2B, T): chosen rows, then rejected rows [, SLiC's y_ref rows]
         batch["attention_mask"],
         batch["completion_mask"],
-        position_ids=batch.get("position_ids"),
+        **scorer_kwargs(batch),  # position ids; packed rows' layout
         return_hidden=spec.token_kl,
     )
     pairs = batch["index"].shape[0]
-    policy_chosen, policy_rejected = policy_out.logps.split(pairs)  # (B,), (B,)
-    chosen_lengths, rejected_lengths = policy_out.token_counts.split(pairs)
+    # (B,) each; a third block, when present, is SLiC's sampled y_ref (procedures/slic.py)
+    policy_chosen, policy_rejected, *policy_target = policy_out.logps.split(pairs)
+    chosen_lengths, rejected_lengths, *_ = policy_out.token_counts.split(pairs)
     inputs = LossInputs(
         policy_chosen_logps=policy_chosen,
         policy_rejected_logps=policy_rejected,
@@ -55,6 +56,7 @@ def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutpu
         rejected_lengths=rejected_lengths,
         score_chosen=batch.get("score_chosen"),
         score_rejected=batch.get("score_rejected"),
+        policy_target_logps=policy_target[0] if policy_target else None,
     )
     if spec.reference != "none":
         reference_out = ctx.reference.score(batch, return_hidden=spec.token_kl)
@@ -86,6 +88,8 @@ def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]
         "logps/chosen": inputs.policy_chosen_logps.detach().mean(),
         "logps/rejected": inputs.policy_rejected_logps.detach().mean(),
     }
+    if inputs.policy_target_logps is not None:
+        metrics["logps/target"] = inputs.policy_target_logps.detach().mean()
     if inputs.reference_chosen_logps is not None:
         # Mean log-ratio on the data: a sample-free proxy for how far the policy has moved.
         metrics["logratio/chosen"] = (

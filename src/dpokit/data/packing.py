@@ -1,0 +1,281 @@
+"""Packed layouts of preference pairs: fewer padded tokens per forward, the same log-probs.
+
+:class:`~dpokit.data.PairCollator` puts each pair in two rows, ``prompt + chosen`` and
+``prompt + rejected``, right-padded to the longest row: the prompt is encoded twice and every row
+pays for the longest one. Two other layouts score exactly the same tokens in the same contexts:
+
+``shared_prompt`` - one row per pair, the prompt encoded once::
+
+    tokens     p0 p1 p2 | p3 c0 c1 c2 | p3 r0 r1 | pad
+    positions   0  1  2 |  3  4  5  6 |  3  4  5 |  0
+    branch      0  0  0 |  1  1  1  1 |  2  2  2 |  0
+    segment     0  0  0 |  0  0  0  0 |  0  0  0 | -1
+
+  Token i attends to token j iff j <= i, both are in the same segment, and j is in the shared
+  prefix (branch 0) or in i's own branch. The prompt's last token is repeated at the head of each
+  branch, so "the hidden state at t-1 predicts token t" still holds for every completion token and
+  each branch sees exactly the keys (with the same positions) it sees in the two-row form.
+
+``padding_free`` - the 2B sequences of the two-row form laid end to end in as few rows as fit
+  ``packing_length`` tokens (all in one row by default), position ids restarting at 0 for each
+  sequence. Attention stays within a sequence: the model reads the sequence boundaries from the
+  position ids (transformers' packed-sequence masks; flash-attention's varlen kernels on GPU).
+
+Every layout returns the keys of :class:`~dpokit.data.PairCollator` (``input_ids``,
+``attention_mask`` = 1 on real tokens, ``completion_mask``, ``index``, scores) plus
+
+- ``position_ids`` (R, L) long;
+- ``sequence_ids`` (R, L) long: the output sequence each completion token is scored into, chosen
+  sequences 0..B-1 then rejected B..2B-1 as in the two-row form (-1 on other tokens), so the
+  scorer still returns (2B,) log-probs in chosen-then-rejected order;
+- ``segment_ids`` and ``branch_ids`` (R, L) long, from which the scorer builds the (R, 1, L, L)
+  attention mask on the device (:func:`dpokit.logprobs.packed_attention_mask`); padding_free has
+  no branches, so with flash-attention the scorer passes position ids alone (varlen kernels).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from .collate import PairCollator, _ids
+
+PACKING_MODES = ("none", "shared_prompt", "padding_free")
+
+__all__ = [
+    "PACKING_MODES",
+    "LengthGroupedSampler",
+    "PaddingFreeCollator",
+    "SharedPromptCollator",
+    "pair_collator",
+    "padding_fraction",
+    "row_lengths",
+]
+
+
+def pair_collator(
+    pad_token_id: int,
+    packing: str = "none",
+    packing_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+):
+    """The collate function for pairs in layout ``packing`` (one of :data:`PACKING_MODES`)."""
+    if packing == "none":
+        return PairCollator(pad_token_id, pad_to_multiple_of)
+    if packing == "shared_prompt":
+        return SharedPromptCollator(pad_token_id, pad_to_multiple_of)
+    if packing == "padding_free":
+        return PaddingFreeCollator(pad_token_id, packing_length, pad_to_multiple_of)
+    raise ValueError(f"packing={packing!r} is not one of: {', '.join(PACKING_MODES)}")
+
+
+def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:
+    """Share of the (R, L) token slots of a batch that hold padding: 1 - real tokens / (R x L)."""
+    slots = batch["input_ids"].numel()
+    return 1.0 - float(batch["attention_mask"].sum()) / max(slots, 1)
+
+
+class _PackedBatch:
+    """(R, L) buffers filled span by span; padding gets position 0 and segment -1."""
+
+    def __init__(self, rows: int, length: int, pad_token_id: int):
+        shape = (rows, length)
+        self.input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+        self.attention_mask = torch.zeros(shape, dtype=torch.long)
+        self.completion_mask = torch.zeros(shape, dtype=torch.bool)
+        self.position_ids = torch.zeros(shape, dtype=torch.long)
+        self.sequence_ids = torch.full(shape, -1, dtype=torch.long)
+        self.segment_ids = torch.full(shape, -1, dtype=torch.long)
+        self.branch_ids = torch.zeros(shape, dtype=torch.long)
+
+    def put(self, row, start, ids, first_position, segment, branch=0, sequence=None) -> int:
+        """Write ``ids`` at (row, start:...); a ``sequence`` id marks them as scored. Returns end."""
+        end = start + len(ids)
+        span = (row, slice(start, end))
+        self.input_ids[span] = ids
+        self.attention_mask[span] = 1
+        self.position_ids[span] = torch.arange(first_position, first_position + len(ids))
+        self.segment_ids[span] = segment
+        self.branch_ids[span] = branch
+        if sequence is not None:
+            self.completion_mask[span] = True
+            self.sequence_ids[span] = sequence
+        return end
+
+    def to_dict(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in keys}
+
+
+def _add_row_keys(batch: dict, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """``index`` (B,) and, when every row has them, ``score_chosen``/``score_rejected`` (B,)."""
+    batch["index"] = torch.tensor([int(row["index"]) for row in rows], dtype=torch.long)
+    for key in ("score_chosen", "score_rejected"):
+        if all(row.get(key) is not None for row in rows):
+            batch[key] = torch.tensor([float(row[key]) for row in rows], dtype=torch.float32)
+    return batch
+
+
+PACKED_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "completion_mask",
+    "position_ids",
+    "sequence_ids",
+    "segment_ids",
+    "branch_ids",
+)
+
+
+class SharedPromptCollator(PairCollator):
+    """One row per pair: ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`` (see module).
+
+    Output (R = B rows, L = longest row, rounded up to ``pad_to_multiple_of``): the PairCollator
+    keys plus ``position_ids``, ``sequence_ids``, ``segment_ids``, ``branch_ids``.
+    """
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        pairs = len(rows)
+        parts = [
+            (
+                _ids(r["prompt_input_ids"]),
+                _ids(r["chosen_input_ids"]),
+                _ids(r["rejected_input_ids"]),
+            )
+            for r in rows
+        ]
+        # prompt + 1 + chosen + 1 + rejected - 1: the prompt's last token appears twice.
+        length = max(len(p) + len(c) + len(r) + 1 for p, c, r in parts)
+        packed = _PackedBatch(pairs, self._round_up(length), self.pad_token_id)
+        for b, (prompt, chosen, rejected) in enumerate(parts):
+            prefix, last = prompt[:-1], prompt[-1:]
+            end = packed.put(b, 0, prefix, 0, segment=0)
+            for branch, completion, sequence in ((1, chosen, b), (2, rejected, pairs + b)):
+                end = packed.put(b, end, last, len(prefix), segment=0, branch=branch)
+                end = packed.put(b, end, completion, len(prompt), 0, branch, sequence)
+        return _add_row_keys(packed.to_dict(PACKED_KEYS), rows)
+
+
+class PaddingFreeCollator(PairCollator):
+    """The 2B sequences of the two-row form end to end, position ids restarting per sequence.
+
+    Sequences are placed first-fit, longest first, into rows of ``packing_length`` tokens (None:
+    one row holding everything; a sequence longer than ``packing_length`` gets a row of its own).
+    Output: the PairCollator keys plus ``position_ids``, ``sequence_ids``, ``segment_ids`` (one
+    per sequence) and ``branch_ids`` (all 0).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        packing_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__(pad_token_id, pad_to_multiple_of)
+        if packing_length is not None and packing_length < 1:
+            raise ValueError(f"packing_length must be >= 1, got {packing_length}")
+        self.packing_length = packing_length
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        prompts = [_ids(row["prompt_input_ids"]) for row in rows]
+        completions = [_ids(row["chosen_input_ids"]) for row in rows]
+        completions += [_ids(row["rejected_input_ids"]) for row in rows]
+        sequences = list(zip(prompts + prompts, completions, strict=True))  # id = position here
+        sizes = [len(p) + len(c) for p, c in sequences]
+        bins = first_fit_decreasing(sizes, self.packing_length or sum(sizes))
+        length = self._round_up(max(sum(sizes[i] for i in members) for members in bins))
+        packed = _PackedBatch(len(bins), length, self.pad_token_id)
+        for row, members in enumerate(bins):
+            end = 0
+            for sequence in members:
+                prompt, completion = sequences[sequence]
+                end = packed.put(row, end, prompt, 0, segment=sequence)
+                end = packed.put(row, end, completion, len(prompt), sequence, 0, sequence)
+        return _add_row_keys(packed.to_dict(PACKED_KEYS), rows)
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into bins of total <= ``capacity`` (an oversized item alone).
+
+    Within a bin, indices are in increasing order, so packed rows read in the data's order.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        for b, free in enumerate(room):
+            if sizes[i] <= free:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+    return [sorted(members) for members in bins]
+
+
+# --------------------------------------------------------------------------------------------------
+# Length-grouped batching
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens per row of a prepared dataset: the sum of every ``*input_ids`` column's lengths."""
+    columns = [name for name in dataset.column_names if name.endswith("input_ids")]
+    if not columns:
+        raise ValueError("the dataset has no *input_ids columns to measure lengths with")
+    table = dataset.with_format("arrow")[:]  # one Arrow table, no Python lists
+    import pyarrow.compute as pc
+
+    total = None
+    for name in columns:
+        lengths = pc.list_value_length(table.column(name))
+        total = lengths if total is None else pc.add(total, lengths)
+    return [int(x) for x in total.to_pylist()]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order, but batches of similar length: less padding for the same randomness.
+
+    Shuffle all rows with ``seed + epoch``, cut the order into mega-batches of
+    ``batch_size * mega_batches`` rows, sort each mega-batch by length (longest first) and yield it;
+    consecutive ``batch_size`` rows then have similar lengths. The longest batch is moved to the
+    front so an out-of-memory error shows on the first step, not hours in. Every process draws the
+    same order (accelerate then hands out the batches).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches=50):
+        if batch_size < 1 or mega_batches < 1:
+            raise ValueError("batch_size and mega_batches must be >= 1")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega = batch_size * mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = list(range(len(self.lengths)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        grouped = []
+        for start in range(0, len(order), self.mega):
+            mega = order[start : start + self.mega]
+            grouped.extend(sorted(mega, key=lambda i: -self.lengths[i]))
+        batches = [
+            grouped[i : i + self.batch_size] for i in range(0, len(grouped), self.batch_size)
+        ]
+        if batches:
+            longest = max(
+                range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b])
+            )
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return iter([i for batch in batches for i in batch])

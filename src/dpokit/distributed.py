@@ -1,0 +1,115 @@
+"""What changes when a run is spread over several processes.
+
+DDP (and DeepSpeed ZeRO-1/2) keep a full copy of the weights on every process: nothing changes
+but the data, which accelerate shards. FSDP and DeepSpeed ZeRO-3 *shard the parameters*: a weight
+is whole only inside the forward of the module that owns it, where the wrapper gathers it. Two
+shortcuts the engine takes on one process then go wrong:
+
+1. the chunked scorer (:class:`~dpokit.logprobs.CompletionScorer`'s fast path) reads the LM head's
+   ``weight`` directly instead of calling the head, so under ZeRO-3 (or an FSDP policy that wraps
+   the head in its own unit) it would read a shard;
+2. a separate frozen reference model is loaded with ``from_pretrained``, which under ZeRO-3's
+   ``zero.Init`` (and FSDP's CPU-RAM-efficient loading) yields partitioned / empty weights that
+   nothing gathers.
+
+So under parameter sharding :func:`sharded_plan` picks the paths that stay correct: every scorer
+calls the full model (the exact path: the head's forward gathers its weight), the reference
+log-probs are pre-computed by the prepared policy itself before its first step (it *is* the
+reference then), a LoRA reference switches the adapter off inside the sharded wrapper, and a
+separate online reference model is refused with what to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from dpokit.config import ConfigError
+
+logger = logging.getLogger("dpokit")
+
+
+def cpu_only_multiprocess() -> bool:
+    """True when launched with several processes (torchrun) on a machine without a GPU.
+
+    accelerate only builds a CPU process group (gloo) when told it runs on CPU; without this a
+    CPU ``torchrun --nproc_per_node 2`` would start two independent single-process runs.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return False
+    has_accelerator = getattr(torch, "accelerator", None)
+    if has_accelerator is not None:
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
+def init_processes():
+    """The process state, set up once per process before anything else asks for it: the first
+    ``PartialState()`` (a driver's, the Trainer's Accelerator) decides the backend for good."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only_multiprocess())
+
+
+def parameter_sharding(accelerator) -> str | None:
+    """``"fsdp"``, ``"zero3"`` or None (every process holds whole weights)."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and int(plugin.zero_stage) == 3:
+            return "zero3"
+    return None
+
+
+def no_split_modules(model) -> list[str] | None:
+    """The decoder-layer class names FSDP wraps one by one (transformers' ``_no_split_modules``);
+    the engine hands accelerate a scorer around the model, which would otherwise offer none."""
+    get_base = getattr(model, "get_base_model", None)  # peft
+    base = get_base() if callable(get_base) else model
+    names = getattr(base, "_no_split_modules", None)
+    return list(names) if names else None
+
+
+SHARDING_NAMES = {"fsdp": "FSDP", "zero3": "DeepSpeed ZeRO-3"}
+
+
+def refuse_separate_reference(sharding: str | None) -> None:
+    """An online frozen reference model is a second, unsharded load: refuse it when sharding."""
+    if sharding is None:
+        return
+    raise ConfigError(
+        f"under {SHARDING_NAMES[sharding]} a separate frozen reference model is not sharded by "
+        "the run (its weights would be partitioned or empty on some processes). Use lora=true "
+        "(the reference is the policy with its adapter off, scored through the sharded "
+        "wrapper), reference_mode=precomputed for sequence-level methods, or a DDP / ZeRO-2 "
+        "config (configs/accelerate/ddp.yaml, deepspeed_zero2.yaml)"
+    )
+
+
+def refuse_other_reference(sharding: str | None, reference: str) -> None:
+    """Pre-computing with another model than the starting policy needs that model loaded whole."""
+    if sharding is None:
+        return
+    raise ConfigError(
+        f"under {SHARDING_NAMES[sharding]} the reference log-probs are pre-computed by the "
+        f"policy itself before its first step, so --reference {reference} (another model) "
+        "cannot score them. Pre-compute them once without sharding (the same command under "
+        "configs/accelerate/ddp.yaml or on one process, with the same reference_cache_dir, "
+        "dtype and mixed_precision): the sharded run then reads the cached table"
+    )
+
+
+def log_sharded_plan(sharding: str | None, reference_mode: str) -> None:
+    if sharding is None:
+        return
+    logger.warning(
+        "%s shards the parameters: scoring with the full model forward (exact; logits are kept "
+        "for the completion positions only) so that the LM head weight is gathered; reference: %s",
+        SHARDING_NAMES[sharding],
+        reference_mode,
+    )

@@ -1,0 +1,100 @@
+"""Supervised fine-tuning as an engine procedure: NLL of the completion tokens.
+
+    loss = - sum_{n, t in completion(n)} log pi(y_t | x, y_<t)  /  sum_n |completion(n)|
+
+i.e. the token-averaged negative log-likelihood of each micro-batch, from the same
+:class:`~dpokit.logprobs.CompletionScorer` the preference methods use (summed log-probs and token
+counts). ``Trainer(config, spec=SFT_SPEC, procedure=SFT_PROCEDURE)`` runs it with every engine
+feature (accumulation, checkpoints, resume, LoRA, eval split); :func:`run_sft` is that call.
+
+SFT is not a preference method, so :data:`SFT_SPEC` is not in :data:`dpokit.losses.METHODS`, and
+``PROCEDURES`` is not keyed by it: ``PROCEDURES["sft"]`` would make SPIN (whose data are SFT rows)
+silently train NLL instead of its own rounds.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import torch
+
+from dpokit.data.sft import SFTCollator, prepare_sft
+from dpokit.losses import LossInputs, LossOutput, MethodSpec
+from dpokit.procedures.pairwise import StepContext, StepOutput
+
+
+def sft_loss(policy_logps: torch.Tensor, token_counts: torch.Tensor) -> LossOutput:
+    """Per-example NLL per token, ``-logps / counts``. (B,), (B,) -> LossOutput.losses (B,)."""
+    return LossOutput(losses=-policy_logps / token_counts.clamp(min=1))
+
+
+def _compute(inputs: LossInputs, hyperparameters=None) -> LossOutput:
+    (logps, counts) = inputs.require("sft", "policy_logps", "chosen_lengths")
+    return sft_loss(logps, counts)
+
+
+SFT_SPEC = MethodSpec(
+    name="sft",
+    title="Supervised fine-tuning (completion NLL)",
+    paper="-",
+    formula="-sum_t log pi(y_t | x, y_<t) / |y|",
+    loss=sft_loss,
+    compute=_compute,
+    hyperparameters=MappingProxyType({}),
+    reference="none",
+    averaged_logps=False,
+    token_kl=False,
+    scores=False,
+    data="sft",
+)
+
+
+def sft_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """One micro-batch: token-averaged NLL over all completion tokens of the batch."""
+    out = ctx.policy(
+        batch["input_ids"],  # (B, T)
+        batch["attention_mask"],
+        batch["completion_mask"],
+        position_ids=batch.get("position_ids"),
+    )
+    tokens = out.token_counts.sum().clamp(min=1)  # scalar: completion tokens in the batch
+    loss = -out.logps.sum() / tokens  # every token weighs the same, however long its row
+    per_example = -out.avg_logps.detach()  # (B,)
+    metrics = {
+        "loss": loss.detach(),
+        "nll/per_example": per_example.mean(),
+        "logps/completion": out.logps.detach().mean(),
+        "completion_tokens": tokens.detach().float(),
+    }
+    # There are no pairs, hence no reward accuracy: `correct` is all False by definition.
+    correct = torch.zeros_like(per_example, dtype=torch.bool)
+    return StepOutput(loss=loss, metrics=metrics, losses=per_example, correct=correct)
+
+
+def sft_procedure():
+    """The SFT :class:`~dpokit.procedures.Procedure`: prepare_sft, SFTCollator, sft_step."""
+    # Built on first use: `dpokit.procedures` (which defines Procedure) imports drivers that may
+    # import this module while the package is itself still initialising.
+    from dpokit.procedures import Procedure
+
+    if "SFT_PROCEDURE" not in globals():
+        globals()["SFT_PROCEDURE"] = Procedure(
+            prepare=prepare_sft, collator=SFTCollator, step=sft_step
+        )
+    return globals()["SFT_PROCEDURE"]
+
+
+def __getattr__(name: str):
+    if name == "SFT_PROCEDURE":  # `from dpokit.procedures.sft import SFT_PROCEDURE` works too
+        return sft_procedure()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def run_sft(config):
+    """Fine-tune ``config.model`` on the SFT rows in ``config.data``; returns a TrainResult.
+
+    Method hyperparameters in ``config`` are ignored (SFT has none).
+    """
+    from dpokit.engine import Trainer
+
+    return Trainer(config, spec=SFT_SPEC, procedure=sft_procedure()).train()

@@ -1,0 +1,219 @@
+"""SLiC-HF's regularization target y_ref: the chosen answer, or a sample of the reference model.
+
+    loss = max(0, delta - logp(y_w) + logp(y_l)) - lam * logp(y_ref)
+
+With ``target=chosen`` (default, the "direct" variant) y_ref = y_w and SLiC trains as any pairwise
+method. With ``target=reference_sample`` (the seed's variant) y_ref is drawn from the reference
+(SFT) model -- ``--reference PATH``, else the starting policy -- once per prompt before training
+(ancestral sampling at ``temperature``, at most ``max_new_tokens`` and ``max_length`` tokens), with
+:func:`dpokit.generation.generate_completions`. The samples are cached in the run directory
+(``RUN_DIR/reference_samples/<split>.jsonl``, keyed by the model, the data and the sampling
+settings), so a resumed run trains on the same targets. A sample cut by the length limit has no
+EOS; it is scored as it is.
+
+Batches then carry the targets as a third block of rows (:class:`TargetPairCollator`): chosen,
+rejected, target -- one forward for all three, and :func:`~dpokit.procedures.pairwise.pairwise_step`
+hands the third block to the loss as ``policy_target_logps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import List, Value
+
+from dpokit.data import PairCollator, prepare_pairs
+from dpokit.data.packing import pair_collator
+from dpokit.modeling import is_peft_model, load_model
+from dpokit.procedures.pairwise import pairwise_step
+from dpokit.reference import model_identity
+
+logger = logging.getLogger("dpokit")
+
+TARGET_COLUMN = "target_input_ids"
+SAMPLES_DIR = "reference_samples"
+SAMPLES_VERSION = 1
+
+
+class TargetPairCollator(PairCollator):
+    """:class:`~dpokit.data.PairCollator`, plus the y_ref rows when the data carry them.
+
+    Without ``target_input_ids`` in the rows: exactly PairCollator's batch. With them,
+    ``input_ids``/``attention_mask``/``completion_mask`` are (3B, T): chosen rows, rejected rows,
+    then prompt_i + target_i.
+    """
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        if not rows or TARGET_COLUMN not in rows[0]:
+            return batch
+        prompts = [list(row["prompt_input_ids"]) for row in rows]
+        targets = [list(row[TARGET_COLUMN]) for row in rows]
+        width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
+        width = self._round_up(max(width, batch["input_ids"].shape[1]))
+        target_rows = _right_padded(prompts, targets, width, self.pad_token_id)
+        for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0)):
+            batch[key] = torch.cat([_pad_to(batch[key], width, value), target_rows[key]])
+        batch["completion_mask"] = torch.cat(
+            [_pad_to(batch["completion_mask"], width, False), target_rows["completion_mask"]]
+        )
+        return batch
+
+
+def packed_target_collator(pad_token_id: int, packing: str, packing_length: int | None = None):
+    """``packing`` layouts (dpokit.data.packing) for y_ref = chosen; rows that carry sampled
+    targets have no packed layout and are collated by :class:`TargetPairCollator`."""
+    packed = pair_collator(pad_token_id, packing, packing_length)
+    plain = TargetPairCollator(pad_token_id)
+
+    def collate(rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        return plain(rows) if rows and TARGET_COLUMN in rows[0] else packed(rows)
+
+    return collate
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def _right_padded(prompts, completions, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """prompt + completion rows, right-padded to ``width``. (B, width) each."""
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        start, end = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[i, :end] = 1
+        completion_mask[i, start:end] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+    }
+
+
+# ---- sampling y_ref -----------------------------------------------------------------------------
+
+
+def attach_reference_samples(trainer) -> None:
+    """Trainer setup hook: with ``target=reference_sample``, give every split a target column."""
+    if trainer.hyperparameters.get("target") != "reference_sample":
+        return
+    for split, data in (("train", trainer.train_data), ("eval", trainer.eval_data)):
+        if data is None:
+            continue
+        targets = reference_samples(trainer, data, split)
+        data.dataset = data.dataset.add_column(
+            TARGET_COLUMN,
+            targets,
+            feature=List(Value("int32")),
+            new_fingerprint=_digest([data.fingerprint, samples_key(trainer, data)]),
+        )
+
+
+def samples_key(trainer, data) -> str:
+    """What decides the samples: the sampling model's weights, the data, the settings."""
+    config, hp = trainer.config, trainer.hyperparameters
+    return _digest(
+        {
+            "version": SAMPLES_VERSION,
+            "model": model_identity(config.reference or config.model),
+            "data": data.fingerprint,
+            "max_length": config.max_length,
+            "seed": config.seed,
+            "sampling": {k: hp[k] for k in ("temperature", "max_new_tokens")},
+        }
+    )
+
+
+def reference_samples(trainer, data, split: str) -> list[list[int]]:
+    """One sample of the reference model per row of ``data``: from the run's cache, else drawn
+    (by the main process first; the others then read its file)."""
+    path = Path(trainer.config.output_dir) / SAMPLES_DIR / f"{split}.jsonl"
+    key = samples_key(trainer, data)
+    with trainer.accelerator.main_process_first():
+        cached = load_samples(path, key, len(data.dataset))
+        if cached is not None:
+            logger.info("SLiC y_ref: %d %s samples from %s", len(cached), split, path)
+            return cached
+        targets = draw_samples(trainer, data)
+        if trainer.accelerator.is_main_process:
+            save_samples(path, key, targets)
+            logger.info(
+                "SLiC y_ref: sampled %d %s targets, cached in %s", len(targets), split, path
+            )
+    return targets
+
+
+def draw_samples(trainer, data) -> list[list[int]]:
+    """Sample y_ref for every prompt of ``data`` from the reference model (no gradient)."""
+    from dpokit.generation import generate_completions
+
+    config, hp = trainer.config, trainer.hyperparameters
+    device = trainer.accelerator.device
+    if config.reference is not None:
+        model, switch = load_model(config.reference, trainer.dtype).to(device), None
+    else:
+        model = trainer.policy.model.to(device)  # the starting policy, before any step
+        switch = model.disable_adapter() if is_peft_model(model) else None  # LoRA: the base
+    prompts = [list(ids) for ids in data.dataset["prompt_input_ids"]]
+    budgets = [config.max_length - len(p) for p in prompts]  # prompt + target <= max_length
+    with switch or contextlib.nullcontext():
+        targets = generate_completions(
+            model,
+            trainer.tokenizer,
+            prompts,
+            max_new_tokens=max(1, min(hp["max_new_tokens"], max(budgets))),
+            temperature=hp["temperature"],
+            top_p=1.0,
+            batch_size=hp["generation_batch_size"],
+            seed=config.seed,
+            do_sample=hp["temperature"] > 0,
+        )
+    return [target[:budget] for target, budget in zip(targets, budgets, strict=True)]
+
+
+def load_samples(path: Path, key: str, rows: int) -> list[list[int]] | None:
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        header = json.loads(handle.readline())
+        if header.get("key") != key or header.get("rows") != rows:
+            logger.info("SLiC y_ref: %s is for other data or settings; sampling again", path)
+            return None
+        return [json.loads(line) for line in handle]
+
+
+def save_samples(path: Path, key: str, targets: list[list[int]]) -> None:
+    """Atomic: a killed run leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("w") as handle:
+        handle.write(json.dumps({"key": key, "rows": len(targets)}) + "\n")
+        handle.writelines(json.dumps(target) + "\n" for target in targets)
+    os.replace(tmp, path)
+
+
+def _digest(payload) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# The parts of SLiC's Procedure (`dpokit.procedures.PROCEDURES["slic_target"]`).
+SLIC_PARTS = dict(
+    prepare=prepare_pairs,
+    collator=TargetPairCollator,
+    step=pairwise_step,
+    setup=attach_reference_samples,
+    packed_collator=packed_target_collator,
+)

@@ -1,0 +1,213 @@
+"""SPIN, self-play fine-tuning (Chen et al. 2024, arXiv:2401.01335), from SFT data only.
+
+Iteration t = 0..N-1, with pi_0 = the starting (SFT) model:
+
+1. generate one answer y' per prompt x with pi_t (``temperature``, ``top_p``, ``max_new_tokens``;
+   seed ``seed + t``; ``temperature=0`` is greedy);
+2. pair each prompt's human answer y (chosen) with y' (rejected); with ``keep_previous`` the
+   previous iteration's pairs are added (the authors' code trains on iterations t and t-1);
+3. train from pi_t with pi_t, frozen, as the reference, on the SPIN loss (the method table's
+   ``spin`` entry, DPO's form with lam for beta)::
+
+       loss = -log sigmoid(lam * ((logp(y) - ref_t(y)) - (logp(y') - ref_t(y'))))
+
+   giving pi_{t+1}. Every iteration's first loss is ln 2.
+
+The pairs are an ordinary preference data set (``prompt``/``chosen``/``rejected``, strings or
+message lists), trained by the pairwise procedure, so every engine feature applies per iteration.
+Generated answers are decoded to text and re-tokenized with the data pipeline, as the authors' code
+does: the rejected side is scored on the canonical tokens of the sampled text. Empty answers (the
+model emitted EOS at once) cannot be a completion and are left out of the pairs (counted).
+
+Files::
+
+    OUTPUT/iter-t/generations.jsonl  one line per prompt: index, prompt, real, generated, finished
+    OUTPUT/iter-t/pairs.jsonl        the preference rows iteration t trains on
+    OUTPUT/iter-t/...                the Trainer run (config.yaml, metrics, checkpoints, final/)
+
+A resumed run reuses an interrupted iteration's generations (its checkpoint's data position refers
+to them). With several processes the generation batches are dealt out to them and gathered (the
+answers do not depend on the number of processes); vLLM is not used. Layout, resume and
+``OUTPUT/final``: :mod:`dpokit.procedures.stages`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import AutoModelForCausalLM
+
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.data import DataError
+from dpokit.data.formats import detect_format
+from dpokit.data.loading import load_source
+from dpokit.data.pipeline import _column_kinds
+from dpokit.data.sft import SFTExample, prepare_sft
+from dpokit.generation import generate_completions
+from dpokit.losses import get_method
+from dpokit.modeling import load_tokenizer, resolve_dtype
+from dpokit.procedures.stages import check_stage_config, run_stages, write_text
+
+logger = logging.getLogger("dpokit")
+
+GENERATIONS_FILE = "generations.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+
+
+@dataclass
+class SFTPrompts:
+    """The SFT rows in data order: normalized examples and their prompts' token ids.
+
+    ``prompt_input_ids[i]`` are the tokens the pairs pipeline will build for ``examples[i]``'s
+    prompt (BOS, chat template, max_prompt_length truncation), so y' is sampled from exactly the
+    context it is later scored in.
+    """
+
+    examples: list[SFTExample]
+    prompt_input_ids: list[list[int]]
+
+
+def run_spin(config: TrainConfig):
+    """Train ``config.model`` with SPIN on the SFT rows of ``config.data``; returns a TrainResult
+    whose ``final_dir`` is ``OUTPUT/final`` (the last iteration's model)."""
+    from dpokit.procedures import PROCEDURES  # this module is imported by dpokit.procedures
+
+    check_stage_config(config)
+    if config.eval_data:
+        raise ConfigError(
+            "spin evaluates on held-out pairs of each iteration: use eval_fraction, not eval_data"
+        )
+    hyperparameters = config.method_args
+    state = PartialState()
+    tokenizer = load_tokenizer(config.model, config.chat_template)
+    prompts = read_sft(config, tokenizer)
+    names = [f"iter-{t}" for t in range(hyperparameters["iterations"])]
+
+    def make_data(index: int, directory: Path, model: str) -> str:
+        generations = directory / GENERATIONS_FILE
+        if not (config.resume and generations.exists()):  # every process generates its share
+            answers = generate_answers(config, model, tokenizer, prompts, config.seed + index)
+            if state.is_main_process:
+                write_text(generations, generations_jsonl(prompts.examples, *answers))
+        if state.is_main_process:
+            rows = pair_rows(generations)
+            if hyperparameters["keep_previous"] and index > 0:
+                rows += pair_rows(directory.parent / names[index - 1] / GENERATIONS_FILE)
+            if not rows:
+                raise RuntimeError(f"{generations}: every generated answer is empty; no pairs")
+            write_text(directory / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        state.wait_for_everyone()
+        return str(directory / PAIRS_FILE)
+
+    spec = get_method(config.method)
+    return run_stages(config, names, make_data, spec=spec, procedure=PROCEDURES["pairs"])
+
+
+def read_sft(config: TrainConfig, tokenizer) -> SFTPrompts:
+    """Validate and tokenize the SFT rows (errors name the file and line) and normalize them."""
+    from dpokit.engine import data_config  # the engine imports dpokit.procedures
+
+    settings = data_config(config, require_scores=False)
+    prepared = prepare_sft(config.data, tokenizer, settings, config.data_split)
+    source = load_source(config.data, settings, config.data_split)
+    dataset = source.dataset.with_format(None)
+    if len(prepared) != len(dataset):  # prepare_sft drops nothing: row i is prepared row i
+        raise DataError(f"{len(dataset)} rows read, {len(prepared)} prepared", source.name)
+    fmt = detect_format(_column_kinds(dataset), settings, task="sft")
+    examples = [fmt.normalize(row, settings) for row in dataset]
+    return SFTPrompts(examples, [list(ids) for ids in prepared.dataset["prompt_input_ids"]])
+
+
+def generate_answers(
+    config: TrainConfig, model_path: str, tokenizer, prompts: SFTPrompts, seed: int
+) -> tuple[list[str], list[bool]]:
+    """(decoded answers, whether each ended with EOS) of ``model_path``, one per prompt.
+
+    With several processes, generation batch k runs on process k mod P and the batches are
+    gathered on every process: each batch is seeded by its position, so the answers are those of
+    one process generating them all.
+    """
+    hyperparameters = config.method_args
+    state = PartialState()
+    device = state.device
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype))
+    model.to(device)
+    greedy = hyperparameters["temperature"] == 0
+    bf16 = (
+        device.type == "cuda"
+        and config.mixed_precision in ("auto", "bf16")
+        and torch.cuda.is_bf16_supported()
+    )
+    logger.info("generating %d answers with %s", len(prompts.examples), model_path)
+    size = hyperparameters["generation_batch_size"]
+    starts = range(0, len(prompts.prompt_input_ids), size)
+    mine = []  # (start, completions) of this process's batches
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for start in starts[state.process_index :: state.num_processes]:
+            batch = generate_completions(
+                model,
+                tokenizer,
+                prompts.prompt_input_ids[start : start + size],
+                max_new_tokens=min(hyperparameters["max_new_tokens"], config.max_length),
+                temperature=hyperparameters["temperature"] if not greedy else 1.0,
+                top_p=hyperparameters["top_p"],
+                batch_size=size,
+                seed=seed,
+                do_sample=not greedy,
+                first_index=start,
+            )
+            mine.append((start, batch))
+    logger.info(
+        "process %d generated %d of %d answers",
+        state.process_index,
+        sum(len(batch) for _, batch in mine),
+        len(prompts.prompt_input_ids),
+    )
+    gathered = gather_object(mine) if state.num_processes > 1 else mine
+    ids = [tokens for _, batch in sorted(gathered, key=lambda item: item[0]) for tokens in batch]
+    finished = [tokens[-1:] == [tokenizer.eos_token_id] for tokens in ids]
+    if not all(finished):
+        logger.info(
+            "%d of %d answers hit max_new_tokens before EOS", finished.count(False), len(ids)
+        )
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), finished
+
+
+def generations_jsonl(examples: list[SFTExample], answers: list[str], finished: list[bool]) -> str:
+    lines = []
+    for index, (example, answer, done) in enumerate(zip(examples, answers, finished, strict=True)):
+        record = {
+            "index": index,
+            "prompt": example.prompt,
+            "real": example.completion,
+            "generated": answer,
+            "finished": done,
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def pair_rows(generations: Path) -> list[dict]:
+    """Preference rows (chosen = human answer, rejected = generated) from a generations file.
+
+    Chat rows get the answer as one assistant turn. Empty answers are left out (logged).
+    """
+    rows, empty = [], 0
+    for line in generations.read_text().splitlines():
+        record = json.loads(line)
+        answer = record["generated"]
+        if not answer.strip():
+            empty += 1
+            continue
+        chat = isinstance(record["real"], list)
+        rejected = [{"role": "assistant", "content": answer}] if chat else answer
+        rows.append({"prompt": record["prompt"], "chosen": record["real"], "rejected": rejected})
+    if empty:
+        logger.warning("%s: %d empty answer(s) left out of the pairs", generations, empty)
+    return rows

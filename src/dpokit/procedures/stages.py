@@ -1,0 +1,209 @@
+"""Methods that are several ordinary training runs in a row: stepwise DPO's data chunks and SPIN's
+self-play iterations ("stages").
+
+Stage s is a plain :class:`~dpokit.engine.Trainer` run in ``OUTPUT/<stage>/`` whose starting policy
+AND reference are the model the previous stage ended with (stage 0: ``config.model``). Since that
+reference is loaded from the previous stage's ``final/`` directory, pre-computed reference
+log-probs are keyed by a hash of exactly those weights: they are recomputed per stage by
+themselves, and every stage's first loss is ln 2 (policy == reference).
+
+Layout::
+
+    OUTPUT/config.yaml          the whole run's config
+    OUTPUT/<stage>/             one Trainer run: data, config.yaml, metrics.jsonl, checkpoints/,
+                                final/ (LoRA: final/ adapters + final-merged/, the next start)
+    OUTPUT/<stage>/stage.json   written last; a resumed run skips stages that have it
+    OUTPUT/metrics.jsonl        all stages' train/eval records in one log (``stage``, global step)
+    OUTPUT/final/               the last stage's model (hard links where possible)
+
+Resume (``resume=true``): finished stages are skipped, the interrupted one continues from its
+newest checkpoint through the Trainer's own resume. A run without ``resume`` starts over and
+removes the stage directories an earlier run left in OUTPUT (stale checkpoints, generations or
+markers would otherwise be picked up by a later resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from accelerate import PartialState
+
+from dpokit.checkpoint import latest_checkpoint
+from dpokit.config import ConfigError, TrainConfig
+
+logger = logging.getLogger("dpokit")
+
+STAGE_FILE = "stage.json"
+METRICS_FILE = "metrics.jsonl"
+
+# (stage index, stage directory, starting model) -> the data file the stage trains on.
+MakeData = Callable[[int, Path, str], str]
+
+
+def check_stage_config(config: TrainConfig) -> None:
+    """Each stage's reference is the previous stage's model; a fixed reference contradicts it."""
+    if config.reference is not None:
+        raise ConfigError(
+            f"method {config.method} sets every stage's reference itself (the model the previous "
+            f"stage ended with); drop reference={config.reference!r}"
+        )
+
+
+def run_stages(
+    config: TrainConfig,
+    names: list[str],
+    make_data: MakeData,
+    spec=None,
+    procedure=None,
+):
+    """Run one Trainer per name in order, chaining models; returns the whole run's TrainResult.
+
+    ``history`` holds the records of the stages trained by this call, each tagged with ``stage``;
+    ``global_step`` counts the optimizer steps of all stages, skipped ones included.
+    """
+    from dpokit.engine import Trainer, TrainResult  # the engine imports this package
+
+    state = PartialState()
+    output = Path(config.output_dir)
+    start_run(config, names, state)
+    model, total_steps, skipped, history = config.model, 0, 0, []
+    trained = False  # once a stage trains in this call, the later ones must too (new start model)
+    for index, name in enumerate(names):
+        directory = output / name
+        done = finished(directory, config) if config.resume and not trained else None
+        if done is not None:
+            logger.info("%s: finished earlier (%d steps); skipping", name, done["global_step"])
+            model = str(next_model(directory, config))
+            total_steps += done["global_step"]
+            continue
+        if trained and state.is_main_process and directory.exists():
+            shutil.rmtree(directory)  # its data and checkpoints came from an older start model
+        state.wait_for_everyone()
+        data = make_data(index, directory, model)
+        stage = stage_config(config, directory, model, data)
+        logger.info("%s: training from %s (also the reference) on %s", name, model, data)
+        result = Trainer(stage, spec=spec, procedure=procedure).train()
+        trained = True
+        history += [{**record, "stage": name} for record in result.history]
+        total_steps, skipped = total_steps + result.global_step, skipped + result.skipped_batches
+        model = str(next_model(directory, config))
+        if state.is_main_process:
+            record = {"global_step": result.global_step, "start_model": stage.model}
+            write_json(directory / STAGE_FILE, {**record, "next_model": model})
+            merge_metrics(output, names)
+        state.wait_for_everyone()
+    final_dir = publish_final(Path(model), output / "final", state)
+    if state.is_main_process:
+        merge_metrics(output, names)
+    return TrainResult(output, final_dir, total_steps, history, skipped)
+
+
+def start_run(config: TrainConfig, names: list[str], state: PartialState) -> None:
+    """Save the run's config; without resume, remove what an earlier run left in the stages."""
+    output = Path(config.output_dir)
+    if state.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            for directory in sorted(d for d in output.iterdir() if _is_stage_dir(d, names)):
+                shutil.rmtree(directory)
+        config.save(output / "config.yaml")
+    state.wait_for_everyone()
+
+
+def _is_stage_dir(path: Path, names: list[str]) -> bool:
+    """A directory like ``iter-7`` when the stages are ``iter-0..iter-2`` (a longer old run)."""
+    prefixes = {re.sub(r"\d+$", "", n) for n in names}
+    match = re.fullmatch(r"(.*?)(\d+)", path.name)
+    return path.is_dir() and match is not None and match.group(1) in prefixes
+
+
+def stage_config(config: TrainConfig, directory: Path, model: str, data: str) -> TrainConfig:
+    """The run's config for one stage: start (and reference) ``model``, stage data, stage dir.
+
+    With LoRA every stage ends merged, so the next stage starts from (and is referenced by) full
+    weights and trains a fresh adapter on them. A stage resumes only from a checkpoint of its own;
+    without one it starts fresh (and drops the log of an attempt killed before its first save).
+    """
+    return dataclasses.replace(
+        config,
+        model=str(model),
+        data=str(data),
+        data_split=None,
+        reference=None,
+        output_dir=str(directory),
+        merge_lora=config.merge_lora or config.lora,
+        resume=config.resume and latest_checkpoint(directory) is not None,
+    )
+
+
+def next_model(directory: Path, config: TrainConfig) -> Path:
+    return directory / ("final-merged" if config.lora else "final")
+
+
+def finished(directory: Path, config: TrainConfig) -> dict | None:
+    """The stage's record when it completed (and its model is still there), else None."""
+    marker = directory / STAGE_FILE
+    if not marker.exists() or not next_model(directory, config).is_dir():
+        return None
+    return json.loads(marker.read_text())
+
+
+def publish_final(model_dir: Path, final_dir: Path, state: PartialState) -> Path:
+    """``OUTPUT/final`` = the last stage's model: hard links (no second copy on disk) or copies."""
+    if state.is_main_process and model_dir.resolve() != final_dir.resolve():
+        shutil.rmtree(final_dir, ignore_errors=True)
+        shutil.copytree(model_dir, final_dir, copy_function=_link_or_copy)
+    state.wait_for_everyone()
+    return final_dir
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def merge_metrics(output: Path, names: list[str]) -> Path:
+    """``OUTPUT/metrics.jsonl``: every stage's records, ``step`` counted across stages.
+
+    Each record keeps its stage-local step as ``stage_step`` and names its ``stage``, so
+    ``dpokit plot OUTPUT`` draws the whole run as one curve.
+    """
+    lines, offset = [], 0
+    for name in names:
+        path = output / name / METRICS_FILE
+        if not path.exists():
+            break
+        last = 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            last = max(last, record.get("step", 0))
+            merged = {**record, "stage": name, "stage_step": record.get("step", 0)}
+            merged["step"] = offset + record.get("step", 0)
+            lines.append(json.dumps(merged))
+        offset += last
+    target = output / METRICS_FILE
+    write_text(target, "".join(line + "\n" for line in lines))
+    return target
+
+
+def write_json(path: Path, payload) -> None:
+    write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a killed run never leaves a half-written file that a resume would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,217 @@
+"""Stepwise DPO, sDPO (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once", arXiv:2403.19270).
+
+The preference data is split into K steps. M_0 = the starting (SFT) model; step t = 1..K starts from
+M_{t-1}, uses M_{t-1} frozen as the reference and trains plain DPO on chunk t, giving M_t::
+
+    loss_t = -log sigmoid(beta * ((logp(y_w) - ref_t(y_w)) - (logp(y_l) - ref_t(y_l)))),
+    ref_t = M_{t-1}
+
+so every step's first loss is ln 2, and K = 1 is exactly DPO. The loss is DPO's (the method table's
+``stepwise_dpo`` entry uses ``dpo_loss``); only the reference moves.
+
+How the rows are split (:func:`plan_steps`):
+
+- a ``step`` column (integers): one step per distinct value, in increasing order (the values need
+  not be contiguous); ``steps`` is then ignored.
+- otherwise ``steps=K`` contiguous chunks of (almost) equal size (the first ``N mod K`` chunks get
+  one row more), in data order (``order=data``), or
+- ``order=easy_to_hard``: rows sorted by the starting model's implicit reward margin
+  ``margin = ref(y_w) - ref(y_l)`` (summed completion log-probs under M_0, i.e. the DPO reward
+  margin at beta = 1 before any training), LARGEST margin first: a pair the starting model already
+  ranks correctly by a wide margin is "easy". The sort is stable; rows inside a chunk keep their
+  data order (the Trainer shuffles them anyway unless ``shuffle=false``). The paper orders by
+  dataset (easier dataset first) and measures easiness with the reference model's reward; this
+  per-row version is our reading of it.
+
+Each step is an ordinary Trainer run in ``OUTPUT/step-t`` on ``OUTPUT/step-t/data.jsonl`` (that
+step's rows, as read from the source); ``OUTPUT/steps.json`` records the split (rows, margins) so a
+resumed run trains the same chunks. Training settings (``num_epochs``, ``max_steps``, warmup and
+the schedule) apply to each step. Layout and resume: :mod:`dpokit.procedures.stages`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch.utils.data import DataLoader
+
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.data import DataError, PairCollator, prepare_pairs
+from dpokit.data.loading import load_source
+from dpokit.logprobs import CompletionScorer
+from dpokit.losses import get_method
+from dpokit.modeling import load_model, load_tokenizer, resolve_dtype
+from dpokit.procedures.stages import check_stage_config, run_stages, write_text
+from dpokit.reference import FrozenReference, compute_reference_logps
+
+logger = logging.getLogger("dpokit")
+
+STEP_COLUMN = "step"
+PLAN_FILE = "steps.json"
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """Which source rows each step trains on.
+
+    ``rows[t]``: 0-based row numbers of the source (data order) for step t + 1. ``labels``: the
+    ``step`` column value of each step, or 1..K. ``margins``: per source row ref(y_w) - ref(y_l)
+    under the starting model when ``order == "easy_to_hard"``, else None.
+    """
+
+    rows: list[list[int]]
+    labels: list[int]
+    split: str  # "column" or "chunks"
+    order: str  # "data" or "easy_to_hard"
+    source_fingerprint: str
+    margins: list[float] | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_stepwise(config: TrainConfig):
+    """Train ``config.model`` on ``config.data`` with stepwise DPO; returns a TrainResult whose
+    ``final_dir`` is ``OUTPUT/final`` (the last step's model)."""
+    check_stage_config(config)
+    state = PartialState()
+    output = Path(config.output_dir)
+    plan_file = output / PLAN_FILE
+    source = load_source(config.data, _data_settings(config), config.data_split)
+    plan = _saved_plan(plan_file, config, source) if config.resume else None
+    if plan is None:
+        if state.is_main_process:
+            write_text(plan_file, json.dumps(plan_steps(config, source).to_dict()) + "\n")
+        state.wait_for_everyone()
+        plan = StepPlan(**json.loads(plan_file.read_text()))
+    names = [f"step-{t}" for t in range(1, len(plan.rows) + 1)]
+    logger.info(
+        "stepwise DPO: %d steps (%s, order=%s) of %s rows",
+        len(names),
+        plan.split,
+        plan.order,
+        [len(rows) for rows in plan.rows],
+    )
+
+    def make_data(index: int, directory: Path, model: str) -> str:
+        path = directory / "data.jsonl"
+        if state.is_main_process:
+            write_text(path, rows_jsonl(source.dataset, plan.rows[index]))
+        state.wait_for_everyone()
+        return str(path)
+
+    return run_stages(config, names, make_data)
+
+
+def plan_steps(config: TrainConfig, source=None) -> StepPlan:
+    """Validate the whole data set (errors name the source file and line) and split it in steps."""
+    hyperparameters = config.method_args
+    settings = _data_settings(config)
+    source = source or load_source(config.data, settings, config.data_split)
+    tokenizer = load_tokenizer(config.model, config.chat_template)
+    # Identical pairs are kept here so that prepared row i is source row i; each step's own
+    # preparation applies identical_pairs as configured.
+    keep_all = dataclasses.replace(settings, identical_pairs="keep")
+    prepared = prepare_pairs(config.data, tokenizer, keep_all, config.data_split)
+    if len(prepared) != len(source.dataset):
+        raise RuntimeError(
+            f"{source.name}: {len(source.dataset)} rows read but {len(prepared)} prepared"
+        )
+    order = hyperparameters["order"]
+    if STEP_COLUMN in source.dataset.column_names:
+        if order != "data":
+            raise ConfigError(
+                f"{source.name} has a {STEP_COLUMN!r} column, which fixes the steps; "
+                f"order={order} only applies to splitting data without one"
+            )
+        labels, rows = split_by_column(source)
+        if len(labels) != hyperparameters["steps"]:
+            logger.warning(
+                "the %r column defines %d steps; steps=%d is ignored",
+                STEP_COLUMN,
+                len(labels),
+                hyperparameters["steps"],
+            )
+        return StepPlan(rows, labels, "column", order, source.fingerprint)
+    steps = hyperparameters["steps"]
+    if steps > len(prepared):
+        raise ConfigError(f"steps={steps} but {source.name} has only {len(prepared)} rows")
+    margins = None
+    ranking = np.arange(len(prepared))
+    if order == "easy_to_hard":
+        margins = reference_margins(config, prepared, tokenizer)
+        ranking = np.argsort(-margins, kind="stable")  # largest margin (easiest) first
+    rows = [sorted(chunk.tolist()) for chunk in np.array_split(ranking, steps)]
+    labels = list(range(1, steps + 1))
+    margin_list = None if margins is None else margins.tolist()
+    return StepPlan(rows, labels, "chunks", order, source.fingerprint, margin_list)
+
+
+def split_by_column(source) -> tuple[list[int], list[list[int]]]:
+    """(sorted distinct step values, source rows of each), checking every value is an integer."""
+    values = source.dataset[STEP_COLUMN]
+    for index, value in enumerate(values):
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:
+            row, kind = source.locator.locate(index)
+            raise DataError(
+                f"field {STEP_COLUMN!r} must be an integer step number, got {value!r}",
+                source.name,
+                row,
+                kind,
+            )
+    steps = np.asarray(values, dtype=np.int64)
+    labels = sorted(set(steps.tolist()))
+    return labels, [np.flatnonzero(steps == label).tolist() for label in labels]
+
+
+@torch.no_grad()
+def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
+    """(N,) ref(y_w) - ref(y_l) of every prepared row under the starting model, in fp32."""
+    device = PartialState().device
+    model = load_model(config.model, resolve_dtype(config.dtype))
+    reference = FrozenReference(CompletionScorer(model, chunk_size=config.logps_chunk_size))
+    reference.scorer.to(device)
+    loader = DataLoader(
+        prepared.dataset,
+        batch_size=config.batch_size,
+        shuffle=False,
+        collate_fn=PairCollator(tokenizer.pad_token_id),
+    )
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+    table = compute_reference_logps(reference, batches, len(prepared))
+    return (table.logps[:, 0] - table.logps[:, 1]).double().numpy()  # (N,)
+
+
+def rows_jsonl(dataset, rows: list[int]) -> str:
+    """The given source rows as JSON lines (values JSON cannot hold are written as strings)."""
+    subset = dataset.select(rows)
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in subset)
+
+
+def _saved_plan(path: Path, config: TrainConfig, source) -> StepPlan | None:
+    """The plan an interrupted run made, if it fits this run's data and settings."""
+    if not path.exists():
+        return None
+    plan = StepPlan(**json.loads(path.read_text()))
+    same_split = plan.order == config.method_args["order"] and (
+        plan.split == "column" or len(plan.rows) == config.method_args["steps"]
+    )
+    if plan.source_fingerprint != source.fingerprint or not same_split:
+        raise ConfigError(
+            f"resume: {path} was made for other data or other steps/order settings; "
+            "start a fresh run (resume=false) or restore them"
+        )
+    return plan
+
+
+def _data_settings(config: TrainConfig):
+    from dpokit.engine import data_config  # the engine imports this package
+
+    return data_config(config, require_scores=get_method(config.method).scores)
