@@ -274,8 +274,8 @@ def markdown(table, meta) -> str:
             f"| {r['label']} | {r['seconds_per_step']:.2f} | {r['pairs_per_second']:.2f} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.1%} | {padding} | "
             f"{r['speedup_of_dpokit']:.2f}x | {r['memory_ratio_of_dpokit']:.2f}x | "
-            f"{first.get('loss', float('nan')):.6f} | {first.get('logps/chosen', float('nan')):.4f} "
-            f"| {diff:.1e} |"
+            f"{first.get('loss', float('nan')):.6f} | "
+            f"{first.get('logps/chosen', float('nan')):.4f} | {diff:.1e} |"
         )
     for label, _, _ in GPU_ONLY:
         if not meta["cuda"]:
@@ -367,7 +367,8 @@ def main() -> None:
         "shape": shape.to_dict(),
         "shape_text": (
             f"{shape.arch} hidden {shape.hidden_size}, {shape.num_layers} layers, vocab "
-            f"{shape.vocab_size}, prompts {shape.prompt_tokens[0]}-{shape.prompt_tokens[1]} tokens, "
+            f"{shape.vocab_size}, prompts {shape.prompt_tokens[0]}-{shape.prompt_tokens[1]} "
+            "tokens, "
             f"completions {shape.completion_tokens[0]}-{shape.completion_tokens[1]}, "
             f"{shape.pairs_per_step} pairs/step"
             if args.model is None

@@ -144,7 +144,8 @@ def run_plain(work: dict, steps: int, scratch: Path) -> dict:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(work["model"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [json.loads(line) for line in open(work["data"])]
+    with open(work["data"]) as handle:
+        rows = [json.loads(line) for line in handle]
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from dpokit.config import TrainConfig
 from dpokit.engine import NonFiniteLossError, Trainer, train
-from dpokit.logprobs import CompletionScorer
+from dpokit.logprobs import CompletionScorer, scorer_kwargs
 from dpokit.losses import LossInputs, get_method
 from dpokit.metrics import read_metrics
 from dpokit.procedures import Procedure
@@ -237,15 +237,13 @@ def test_lora_trains_only_adapters_and_adapter_off_is_the_base(tiny_dir, pairs_f
     adapter_off = trainer.references["train"]
     batch = next(iter(trainer.train_loader))
     torch.testing.assert_close(adapter_off.score(batch).logps, base.score(batch).logps)
-    policy_logps = trainer.policy(
-        batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    ).logps
+    # scorer_kwargs: the batch's layout (packed rows under the default packing=auto)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    policy_logps = trainer.policy(*inputs, **scorer_kwargs(batch)).logps
     assert not torch.allclose(policy_logps, base.score(batch).logps)
     assert (trainer.output_dir / "final" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(trainer.output_dir / "final-merged"))
-    merged_logps = CompletionScorer(merged)(
-        batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    ).logps
+    merged_logps = CompletionScorer(merged)(*inputs, **scorer_kwargs(batch)).logps
     torch.testing.assert_close(merged_logps, policy_logps.detach(), atol=1e-5, rtol=1e-5)
 
 

@@ -301,7 +301,7 @@ def test_bad_config_fails_before_anything_loads(
     argv += ["--output-dir", str(out), *overrides]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dpokit: error: ")
+    assert err.strip().splitlines()[-1].startswith("dpokit: error: ")
     assert "Traceback" not in err
     assert re.search(message, err), err
     assert not out.exists()

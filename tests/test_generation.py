@@ -57,21 +57,25 @@ def test_global_rng_and_training_mode_are_left_alone(tiny_model, tiny_tokenizer,
 
 @pytest.fixture(scope="module")
 def stopping_model(tiny_dir):
-    """The tiny model trained (plain torch, 40 steps) to answer every prompt with " yes." + EOS."""
+    """The tiny model trained (plain torch, 30 steps) to answer every prompt with " yes." + EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
     answer = tokenizer(" yes.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     prompts = encode_prompts(tokenizer, PROMPTS)
+    width = max(len(p) for p in prompts) + len(answer)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    labels = torch.full((len(prompts), width), -100)  # train the answer only
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        end = len(prompt) + len(answer)
+        input_ids[i, :end] = torch.tensor(prompt + answer)
+        labels[i, len(prompt) : end] = torch.tensor(answer)
+        attention_mask[i, :end] = 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(40):
-        for prompt in prompts:
-            ids = torch.tensor([prompt + answer])
-            labels = ids.clone()
-            labels[:, : len(prompt)] = -100  # train the answer only
-            model(input_ids=ids, labels=labels).loss.backward()
+    for _ in range(30):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return model, tokenizer, answer

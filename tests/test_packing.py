@@ -14,12 +14,13 @@ import torch
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import PairCollator
 from dpokit.data.packing import (
+    AutoPairCollator,
     LengthGroupedSampler,
     PaddingFreeCollator,
     SharedPromptCollator,
     first_fit_decreasing,
-    pair_collator,
     padding_fraction,
+    pair_collator,
     row_lengths,
 )
 from dpokit.engine import Trainer
@@ -137,7 +138,7 @@ def _random_rows(vocab: int, pairs: int = 4, seed: int = 0) -> list[dict]:
 
 
 def _score(model, collate, rows):
-    """Per-sequence log-probs (2B,), token counts, and every parameter's gradient of a weighted sum."""
+    """Per-sequence log-probs (2B,), token counts and parameter gradients of a weighted sum."""
     batch = collate(rows)
     model.zero_grad()
     scorer = CompletionScorer(model, chunk_size=5, fast=True, saved_softmax_mb=1)
@@ -263,18 +264,18 @@ def test_training_with_each_packing_matches_the_two_row_layout(
     method, tiny_dir, varied_pairs, tmp_path
 ):
     runs = {}
-    for packing in ("none", "shared_prompt", "padding_free"):
+    for packing in ("none", "shared_prompt", "padding_free", "auto"):
         trainer = Trainer(
             _config(tiny_dir, varied_pairs, tmp_path, packing, method=method, packing=packing)
         )
         runs[packing] = trainer.train().history
     keys = ("loss", "logps/chosen", "logps/rejected")
-    for packing in ("shared_prompt", "padding_free"):
+    for packing in ("shared_prompt", "padding_free", "auto"):
         for step in (0, 1):  # step 1's loss also checks the gradients and the optimizer step
             for key in keys:
                 assert runs[packing][step][key] == pytest.approx(runs["none"][step][key], rel=1e-5)
     # What each layout costs in padding: the packed ones need less
-    padding = {p: runs[p][0]["padding_fraction"] for p in runs}
+    padding = {p: runs[p][0]["padding_fraction"] for p in ("none", "shared_prompt", "padding_free")}
     assert padding["padding_free"] == 0.0 < padding["shared_prompt"] < padding["none"]
 
 
@@ -289,10 +290,29 @@ def test_padding_fraction_is_logged(tiny_dir, varied_pairs, tmp_path):
     assert record["padding_fraction"] == pytest.approx(expected)
 
 
-def test_auto_packing_is_shared_prompt_for_pairs(tiny_dir, varied_pairs, tmp_path):
+def test_auto_layout_picks_the_cheaper_per_batch(tiny_dir, varied_pairs, tmp_path):
+    # Tiny Llama: hidden 32, 4 heads of 8, 2 KV heads, MLP 64. Weights per layer:
+    # 2*32*32 (q, o) + 2*32*16 (k, v) + 3*32*64 (MLP) = 9216; attention: 4*32 / (2*9216) = 1/144.
     trainer = Trainer(_config(tiny_dir, varied_pairs, tmp_path, "auto", max_steps=1))
-    assert trainer.packing == "shared_prompt"
-    assert isinstance(trainer.collate, SharedPromptCollator)
+    assert trainer.packing == "auto" and isinstance(trainer.collate, AutoPairCollator)
+    assert trainer.collate.attention_cost == pytest.approx(1 / 144)
+
+    def rows(p, c, r):
+        ids = {
+            "prompt_input_ids": [5] * p,
+            "chosen_input_ids": [6] * c,
+            "rejected_input_ids": [7] * r,
+        }
+        return [dict(ids, index=0), dict(ids, index=1)]
+
+    # prompt 10, completions 2: two rows 2*(12 + 12^2/144) = 26 per pair > shared 15 + 15^2/144
+    long_prompt = rows(10, 2, 2)
+    assert trainer.collate.prefers_shared(long_prompt)
+    assert "branch_ids" in trainer.collate(long_prompt)
+    # prompt 1, completions 20, attention cost 0.01: 2*(21 + 4.41) = 50.82 < 42 + 17.64 = 59.64
+    short_prompt = rows(1, 20, 20)
+    assert not AutoPairCollator(0, attention_cost=0.01).prefers_shared(short_prompt)
+    assert AutoPairCollator(0, attention_cost=0.01)(short_prompt)["input_ids"].shape == (4, 21)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -225,6 +225,12 @@ def _arena_parser(sub) -> None:
     parser.add_argument(
         "--no-claims", dest="claims", action="store_false", help="skip the extra claim runs"
     )
+    parser.add_argument(
+        "--no-untuned",
+        dest="untuned",
+        action="store_false",
+        help="skip the untuned runs of the methods with task-specific settings",
+    )
     parser.add_argument("--readme", help="also rewrite the arena block of this Markdown file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -240,6 +246,7 @@ def _run_arena(args) -> int:
         seeds=[int(s) for s in args.seeds.split(",")],
         out_dir=args.out,
         claims=args.claims,
+        untuned=args.untuned,
         readme=args.readme,
     )
     report = run_arena(config)

@@ -259,7 +259,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
     if config.logps_saved_softmax_mb < 0:
         raise ConfigError(
-            f"logps_saved_softmax_mb must be >= 0 (0: recompute), got {config.logps_saved_softmax_mb}"
+            f"logps_saved_softmax_mb must be >= 0 (0: recompute all), "
+            f"got {config.logps_saved_softmax_mb}"
         )
     if config.packing_length is not None and config.packing_length < 1:
         raise ConfigError(f"packing_length must be >= 1, got {config.packing_length}")

@@ -22,12 +22,17 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import AutoConfig, get_scheduler
 
 from dpokit import checkpoint as ckpt
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, train_eval_split
-from dpokit.data.packing import LengthGroupedSampler, padding_fraction, row_lengths
+from dpokit.data.packing import (
+    LengthGroupedSampler,
+    attention_cost,
+    padding_fraction,
+    row_lengths,
+)
 from dpokit.distributed import (
     cpu_only_multiprocess,
     init_processes,
@@ -149,13 +154,9 @@ def data_config(config: TrainConfig, require_scores: bool) -> DataConfig:
     )
 
 
-# `packing=auto`: the fastest layout that gives the same log-probs (PERFORMANCE.md).
-AUTO_PACKING = "shared_prompt"
-
-
 def resolve_packing(config: TrainConfig, spec, procedure) -> str:
-    """The batch layout: ``config.packing``, or for ``auto`` :data:`AUTO_PACKING` where the
-    procedure's data can be packed and ``none`` where it cannot."""
+    """The batch layout: ``config.packing`` where the procedure's data can be packed (``auto``:
+    per batch the cheaper exact layout, see dpokit.data.packing), else ``none``."""
     if procedure.packed_collator is None:
         if config.packing not in ("auto", "none"):
             raise ConfigError(
@@ -163,7 +164,7 @@ def resolve_packing(config: TrainConfig, spec, procedure) -> str:
                 f"{spec.data!r} data, collated one way only: use packing=none (or auto)"
             )
         return "none"
-    return AUTO_PACKING if config.packing == "auto" else config.packing
+    return config.packing
 
 
 def choose_reference_mode(config: TrainConfig, spec) -> str:
@@ -253,8 +254,12 @@ class Trainer:
         if self.packing == "none":
             self.collate = self.procedure.collator(pad_token_id)
         else:
+            model_config = AutoConfig.from_pretrained(self.config.model)
             self.collate = self.procedure.packed_collator(
-                pad_token_id, self.packing, self.config.packing_length
+                pad_token_id,
+                self.packing,
+                self.config.packing_length,
+                attention_cost=attention_cost(model_config),
             )
 
     def _loader(self, prepared, shuffle: bool) -> DataLoader:

@@ -29,11 +29,28 @@ from dpokit.data.sft import SFTCollator
 from dpokit.generation import generate_completions
 from dpokit.logprobs import CompletionScorer
 from dpokit.modeling import load_model, load_tokenizer
+from dpokit.reference import eval_mode
 
 logger = logging.getLogger("dpokit")
 
 
 @torch.no_grad()
+def _score(model, batches) -> list[torch.Tensor]:
+    """Summed completion log-probs of each collated batch, in eval mode. [(N_b,) fp32, ...]"""
+    scorer = model if isinstance(model, CompletionScorer) else CompletionScorer(model)
+    device = next(scorer.parameters()).device
+    out = []
+    with eval_mode(scorer):
+        for batch in batches:
+            score = scorer(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["completion_mask"].to(device),
+            )
+            out.append(score.logps.float().cpu())
+    return out
+
+
 def completion_logps(
     model,
     prompt_input_ids: Sequence[Sequence[int]],
@@ -41,54 +58,26 @@ def completion_logps(
     pad_token_id: int,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Summed log-prob of each completion given its prompt, in eval mode. Returns (N,) fp32."""
-    scorer = model if isinstance(model, CompletionScorer) else CompletionScorer(model)
-    was_training = scorer.training
-    scorer.eval()
-    collate = SFTCollator(pad_token_id)
-    device = next(scorer.parameters()).device
+    """Summed log-prob of each completion given its prompt. Returns (N,) fp32."""
     rows = [
         {"prompt_input_ids": p, "completion_input_ids": c, "index": i}
         for i, (p, c) in enumerate(zip(prompt_input_ids, completion_input_ids, strict=True))
     ]
-    out = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size])
-            score = scorer(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["completion_mask"].to(device),
-            )
-            out.append(score.logps.float().cpu())
-    finally:
-        scorer.train(was_training)
+    collate = SFTCollator(pad_token_id)
+    batches = (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+    out = _score(model, batches)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-@torch.no_grad()
 def pair_logps(model, prepared, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """(N, 2) summed log-probs of (chosen, rejected) for every row of prepared pairs."""
-    scorer = model if isinstance(model, CompletionScorer) else CompletionScorer(model)
-    was_training = scorer.training
-    scorer.eval()
-    collate = PairCollator(pad_token_id)
-    device = next(scorer.parameters()).device
-    dataset = prepared.dataset
-    out = []
-    try:
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collate(rows)
-            score = scorer(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["completion_mask"].to(device),
-            )
-            out.append(score.logps.float().cpu().view(2, len(rows)).T)  # (B, 2)
-    finally:
-        scorer.train(was_training)
-    return torch.cat(out)
+    dataset, collate = prepared.dataset, PairCollator(pad_token_id)
+    batches = (
+        collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        for i in range(0, len(dataset), batch_size)
+    )
+    # Each batch scores B chosen rows, then B rejected rows: (2B,) -> (B, 2).
+    return torch.cat([logps.view(2, -1).T for logps in _score(model, batches)])
 
 
 def pair_metrics(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> dict[str, float]:

@@ -671,7 +671,7 @@ def scorer_kwargs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def packed_attention_mask(segment_ids: Tensor, branch_ids: Tensor | None = None) -> Tensor:
     """(R, T) segment and branch ids -> (R, 1, T, T) bool mask, True where query i sees key j.
 
-        mask[i, j] = j <= i  and  segment[j] == segment[i]  and  (branch[j] == 0 or branch[j] == branch[i])
+        mask[i, j] = j <= i and segment[j] == segment[i] and branch[j] in (0, branch[i])
 
     Branch 0 is a prefix shared by every branch of its segment (a pair's prompt); branches b > 0
     see the prefix and themselves only (chosen and rejected never see each other). Padding has a

@@ -43,13 +43,15 @@ from torch.utils.data import Sampler
 
 from .collate import PairCollator, _ids
 
-PACKING_MODES = ("none", "shared_prompt", "padding_free")
+PACKING_MODES = ("auto", "none", "shared_prompt", "padding_free")
 
 __all__ = [
     "PACKING_MODES",
+    "AutoPairCollator",
     "LengthGroupedSampler",
     "PaddingFreeCollator",
     "SharedPromptCollator",
+    "attention_cost",
     "pair_collator",
     "padding_fraction",
     "row_lengths",
@@ -61,8 +63,12 @@ def pair_collator(
     packing: str = "none",
     packing_length: int | None = None,
     pad_to_multiple_of: int | None = None,
+    attention_cost: float = 0.0,
 ):
-    """The collate function for pairs in layout ``packing`` (one of :data:`PACKING_MODES`)."""
+    """The collate function for pairs in layout ``packing`` (one of :data:`PACKING_MODES`);
+    ``attention_cost`` is for ``auto`` (see :class:`AutoPairCollator`)."""
+    if packing == "auto":
+        return AutoPairCollator(pad_token_id, attention_cost, pad_to_multiple_of)
     if packing == "none":
         return PairCollator(pad_token_id, pad_to_multiple_of)
     if packing == "shared_prompt":
@@ -92,7 +98,7 @@ class _PackedBatch:
         self.branch_ids = torch.zeros(shape, dtype=torch.long)
 
     def put(self, row, start, ids, first_position, segment, branch=0, sequence=None) -> int:
-        """Write ``ids`` at (row, start:...); a ``sequence`` id marks them as scored. Returns end."""
+        """Write ``ids`` at (row, start:); a ``sequence`` id marks them as scored. Returns end."""
         end = start + len(ids)
         span = (row, slice(start, end))
         self.input_ids[span] = ids
@@ -217,6 +223,56 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
             bins.append([i])
             room.append(capacity - sizes[i])
     return [sorted(members) for members in bins]
+
+
+class AutoPairCollator(PairCollator):
+    """Per batch, the cheaper of the two-row and the shared-prompt layout (both exact).
+
+    The decoder's forward cost of a layout with rows of L_r tokens (padding included) is about
+
+        sum_r L_r * (weights per layer) + sum_r L_r^2 * (attention per query-key pair)
+
+    since attention under a custom mask is computed densely over each row. Sharing the prompt
+    saves the second copy of the prompt's tokens but makes rows about twice as long, so it pays
+    when prompts are long next to completions and attention is cheap next to the weights (wide
+    models). ``attention_cost`` is the ratio of the two per-token costs (:func:`attention_cost`).
+    """
+
+    def __init__(self, pad_token_id: int, attention_cost: float, pad_to_multiple_of=None) -> None:
+        super().__init__(pad_token_id, pad_to_multiple_of)
+        self.attention_cost = attention_cost
+        self.shared = SharedPromptCollator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        return self.shared(rows) if self.prefers_shared(rows) else super().__call__(rows)
+
+    def prefers_shared(self, rows: Sequence[Mapping]) -> bool:
+        lengths = [
+            (len(r["prompt_input_ids"]), len(r["chosen_input_ids"]), len(r["rejected_input_ids"]))
+            for r in rows
+        ]
+        two_rows = self._round_up(max(p + max(c, j) for p, c, j in lengths))  # 2B rows
+        shared = self._round_up(max(p + c + j + 1 for p, c, j in lengths))  # B rows
+        cost_two_rows = 2 * len(rows) * (two_rows + self.attention_cost * two_rows**2)
+        cost_shared = len(rows) * (shared + self.attention_cost * shared**2)
+        return cost_shared < cost_two_rows
+
+
+def attention_cost(model_config) -> float:
+    """Forward FLOPs per query-key pair of attention over the FLOPs per token of one layer's
+    weights: 4 x heads x head_dim / (2 x weights per layer). 0 if the config does not say."""
+    config = (
+        model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    )
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not (hidden and heads and inter):
+        return 0.0
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    weights = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+    return 4 * heads * head_dim / (2 * weights)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 from dpokit.demo.demo import (
     DEFAULT_LEARNING_RATE,
     METHOD_SETTINGS,
+    TUNING_NOTES,
     DemoConfig,
     baseline_eval,
     evaluate_run,
@@ -64,6 +65,7 @@ class ArenaConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     out_dir: str | None = None  # default: demo.work_dir
     claims: bool = True  # also DPO and rDPO on the label-flipped pairs
+    untuned: bool = True  # also the methods of METHOD_SETTINGS without their tuned settings
     readme: str | None = None  # a Markdown file whose arena block to replace (README.md)
 
 
@@ -114,6 +116,8 @@ def _run_seed(config: ArenaConfig, methods: list[str], seed: int) -> list[Run]:
     baseline = baseline_eval(demo, prepared)
     runs = [Run("SFT", "sft", seed, {**baseline.metrics, "seconds": prepared.seconds})]
     plan = [(method, method, {}) for method in methods] + claim_runs(config, methods)
+    if config.untuned:
+        plan += [(f"{m} (untuned)", m, {"tuned": False}) for m in methods if m in METHOD_SETTINGS]
     for name, method, overrides in plan:
         logger.info("arena: seed %d, %s", seed, name)
         settings = {k: v for k, v in overrides.items() if k in _demo_fields()}
@@ -166,23 +170,35 @@ def _cell(runs: list[Run], name: str, key: str) -> str:
 
 
 def verdict(runs: list[Run], name: str) -> str:
-    """Whether the row beats the SFT model on held-out prompts: win rate > 0.5 by more than two
-    standard errors of a win rate over that many samples (and a higher mean judge reward)."""
+    """Whether the row beats the SFT model on held-out prompts, seed by seed.
+
+    A seed counts as better when its win rate exceeds 1/2 by more than two standard errors of a
+    win rate over that many samples (0.5 / sqrt(n)) and its mean judge reward beats the SFT
+    model's; as worse when the win rate is that far below 1/2.
+    """
     errors = [r.error for r in runs if r.name == name and r.error]
     if errors:
         return f"failed ({errors[0][:60]})"
-    win, _, n = aggregate(runs, name, "win_rate")
-    reward, _, _ = aggregate(runs, name, "judge_reward")
-    sft_reward, _, _ = aggregate(runs, "SFT", "judge_reward")
-    samples, _, _ = aggregate(runs, name, "samples")
-    if name == "SFT" or n == 0:
+    if name == "SFT":
         return ""
-    standard_error = 0.5 / math.sqrt(max(samples * n, 1))
-    if win > 0.5 + 2 * standard_error and reward > sft_reward:
+    sft_reward = {r.seed: r.metrics["judge_reward"] for r in runs if r.name == "SFT"}
+    outcomes = []
+    for r in (r for r in runs if r.name == name):
+        margin = 2 * 0.5 / math.sqrt(max(r.metrics["samples"], 1))
+        if r.metrics["win_rate"] > 0.5 + margin and r.metrics["judge_reward"] > sft_reward[r.seed]:
+            outcomes.append("better")
+        elif r.metrics["win_rate"] < 0.5 - margin:
+            outcomes.append("worse")
+        else:
+            outcomes.append("same")
+    if all(o == "better" for o in outcomes):
         return "better than SFT"
-    if win < 0.5 - 2 * standard_error:
+    if all(o == "worse" for o in outcomes):
         return "WORSE than SFT"
-    return "NOT better than SFT"
+    if len(outcomes) == 1:
+        return "NOT better than SFT"
+    better, worse = outcomes.count("better"), outcomes.count("worse")
+    return f"MIXED: better in {better}, worse in {worse} of {len(outcomes)} seeds"
 
 
 def markdown_table(runs: list[Run], names: list[str]) -> str:
@@ -219,8 +235,8 @@ def claim_sentences(runs: list[Run], config: ArenaConfig) -> list[str]:
         rdpo_drop = mean("rdpo", "judge_reward") - mean(rdpo_noisy, "judge_reward")
         holds = rdpo_drop < dpo_drop
         sentences.append(
-            f"rDPO vs DPO with {eps:.0%} of the training labels flipped: judge reward falls by "
-            f"{rdpo_drop:+.3f} (rDPO, eps={eps:g}) vs {dpo_drop:+.3f} (DPO) relative to the "
+            f"rDPO vs DPO with {eps:.0%} of the training labels flipped: judge reward changes by "
+            f"{-rdpo_drop:+.3f} (rDPO, eps={eps:g}) vs {-dpo_drop:+.3f} (DPO) relative to the "
             f"clean runs; flipped-label win rates {mean(rdpo_noisy, 'win_rate'):.3f} vs "
             f"{mean('dpo (flipped labels)', 'win_rate'):.3f} -- the claim (rDPO degrades less) "
             f"{'holds' if holds else 'does NOT hold'} here."
@@ -243,8 +259,29 @@ def claim_sentences(runs: list[Run], config: ArenaConfig) -> list[str]:
         )
     for name in sorted(names | {r.name for r in runs if r.error}):
         if name != "SFT" and verdict(runs, name) != "better than SFT":
-            sentences.append(f"{name}: {verdict(runs, name)} with the settings below.")
+            sentences.append(f"{name}: {verdict(runs, name)}.")
     return sentences
+
+
+def command_line(config: ArenaConfig) -> str:
+    """The ``dpokit arena`` command that reproduces these numbers (paths left out)."""
+    parts = ["dpokit arena", "--seeds " + ",".join(str(s) for s in config.seeds)]
+    if config.methods:
+        parts.append("--methods " + ",".join(config.methods))
+    parts += [
+        flag
+        for flag, on in (("--no-claims", config.claims), ("--no-untuned", config.untuned))
+        if not on
+    ]
+    defaults = DemoConfig()
+    for f in dataclasses.fields(DemoConfig):
+        value = getattr(config.demo, f.name)
+        if f.name not in ("work_dir", "progress", "seed") and value != getattr(defaults, f.name):
+            if f.name == "method_args":
+                parts += [f"{k}={v}" for k, v in value.items()]
+            else:
+                parts.append(f"{f.name}={value}")
+    return " ".join(parts)
 
 
 def write_csv(runs: list[Run], path: Path) -> Path:
@@ -266,7 +303,6 @@ def _csv_value(value) -> str:
 
 def write_markdown(config, methods, table, claims, runs, path: Path) -> Path:
     demo = config.demo
-    seeds = ",".join(str(s) for s in config.seeds)
     settings = [
         f"- every method: {demo.steps} steps, batch {demo.batch_size} pairs, learning rate "
         f"{demo.learning_rate or DEFAULT_LEARNING_RATE:g} (linear decay, 10% warm-up), from the "
@@ -277,11 +313,11 @@ def write_markdown(config, methods, table, claims, runs, path: Path) -> Path:
     for method in methods:
         if METHOD_SETTINGS.get(method):
             given = ", ".join(f"{k}={v}" for k, v in METHOD_SETTINGS[method].items())
-            settings.append(f"- {method}: {given}")
+            settings.append(f"- {method}: {given} (the `(untuned)` row runs without these)")
     lines = [
         "# Arena: every method from the same SFT model",
         "",
-        f"Generated by `dpokit arena --seeds {seeds}` (do not edit by hand). Held-out prompts: "
+        f"Generated by `{command_line(config)}` (do not edit by hand). Held-out prompts: "
         f"{demo.eval_per_prompt} samples each; win rate counts ties as half; KL = mean over the "
         "policy's samples of logp_pi - logp_SFT; reward accuracy and chosen log-prob change on "
         "held-out SFT-sampled pairs (reference = the SFT model, also for reference-free "
@@ -297,6 +333,10 @@ def write_markdown(config, methods, table, claims, runs, path: Path) -> Path:
         "",
         *settings,
         "",
+        "## Tuning",
+        "",
+        *[f"- {note}" for note in TUNING_NOTES],
+        "",
         "![judge reward vs KL](arena.png)",
         "",
     ]
@@ -305,23 +345,36 @@ def write_markdown(config, methods, table, claims, runs, path: Path) -> Path:
 
 
 def plot_reward_vs_kl(runs: list[Run], names: list[str], path: Path) -> Path:
+    """Mean judge reward against mean KL per row (large markers; small faded ones: each seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name in names:
-        kl, kl_std, n = aggregate(runs, name, "kl")
-        reward, reward_std, _ = aggregate(runs, name, "judge_reward")
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
+    for i, name in enumerate(names):
+        kl, _, n = aggregate(runs, name, "kl")
+        reward, _, _ = aggregate(runs, name, "judge_reward")
         if n == 0:
             continue
-        ax.errorbar(kl, reward, xerr=kl_std or None, yerr=reward_std or None, fmt="o", capsize=3)
-        ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("KL(pi || pi_SFT) on the policy's samples (nats)")
+        style = dict(color=colors[i % len(colors)], marker=markers[i % len(markers)])
+        seeds = [r for r in runs if r.name == name and not r.error]
+        ax.scatter(
+            [r.metrics["kl"] for r in seeds],
+            [r.metrics["judge_reward"] for r in seeds],
+            s=12,
+            alpha=0.35,
+            **style,
+        )
+        ax.scatter([kl], [reward], s=60, edgecolors="black", linewidths=0.6, label=name, **style)
+    ax.set_xscale("symlog", linthresh=1.0)  # SFT sits at KL 0; a divergent run at KL 80
+    ax.set_xlabel("KL(pi || pi_SFT) on the policy's samples (nats, symlog)")
     ax.set_ylabel("mean judge reward on held-out prompts")
     ax.set_title("reward vs KL, every method from the same SFT model")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,8 +30,9 @@ class Procedure:
     # data loaders are built (data warnings, extra columns such as SLiC's sampled targets).
     check: Callable | None = None
     setup: Callable | None = None
-    # `packed_collator(pad_token_id, packing, packing_length)` for config.packing other than
-    # "none" (dpokit.data.packing); None: this kind of data is collated one way only.
+    # `packed_collator(pad_token_id, packing, packing_length, attention_cost=...)` for
+    # config.packing other than "none" (dpokit.data.packing; attention_cost is for "auto");
+    # None: this kind of data is collated one way only.
     packed_collator: Callable | None = None
 
 

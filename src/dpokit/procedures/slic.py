@@ -68,10 +68,12 @@ class TargetPairCollator(PairCollator):
         return batch
 
 
-def packed_target_collator(pad_token_id: int, packing: str, packing_length: int | None = None):
+def packed_target_collator(
+    pad_token_id: int, packing: str, packing_length: int | None = None, attention_cost: float = 0.0
+):
     """``packing`` layouts (dpokit.data.packing) for y_ref = chosen; rows that carry sampled
     targets have no packed layout and are collated by :class:`TargetPairCollator`."""
-    packed = pair_collator(pad_token_id, packing, packing_length)
+    packed = pair_collator(pad_token_id, packing, packing_length, attention_cost=attention_cost)
     plain = TargetPairCollator(pad_token_id)
 
     def collate(rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
