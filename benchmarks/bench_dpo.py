@@ -125,16 +125,47 @@ class Measurement:
     runs: list[dict] = field(default_factory=list)  # one per (repeat, steps)
 
 
-def run_worker(spec: dict, log) -> dict:
-    """Run one contender in a fresh interpreter; adds wall/cpu seconds and its own peak RSS."""
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (all processes), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_share: float, max_wait: float, log) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``max_share`` of the CPUs over 2 s.
+
+    A shared machine's other jobs steal cores from the contender being timed; the benchmark
+    records how much they took during each run either way (``foreign_cpu_share``).
+    """
+    deadline = time.perf_counter() + max_wait
+    while True:
+        before = busy_cpu_seconds()
+        time.sleep(2.0)
+        share = (busy_cpu_seconds() - before) / (2.0 * os.cpu_count())
+        if share < max_share or time.perf_counter() > deadline:
+            return share
+        log(f"  waiting: other processes use {share:.0%} of the CPUs")
+
+
+def run_worker(spec: dict, log, quiet: tuple[float, float]) -> dict:
+    """Run one contender in a fresh interpreter; adds wall/cpu seconds, its own peak RSS, and
+    the share of the machine's CPU time other processes used meanwhile."""
     with tempfile.TemporaryFile("w+") as out:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        idle_share = wait_for_quiet(*quiet, log)
         load_before = os.getloadavg()[0]
+        busy_before = busy_cpu_seconds()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        busy = busy_cpu_seconds() - busy_before
         out.seek(0)
         text = out.read()
     lines = [line for line in text.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -142,12 +173,14 @@ def run_worker(spec: dict, log) -> dict:
         log(text[-3000:])
         raise RuntimeError(f"worker {spec['contender']} {spec['overrides']} failed")
     result = json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+    cpu = usage.ru_utime + usage.ru_stime
     result.update(
-        process_seconds=time.perf_counter() - start,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        process_seconds=wall,
+        cpu_seconds=cpu,
         peak_rss_mb=usage.ru_maxrss / 1024,  # Linux: KiB
         load_before=load_before,
-        load_after=os.getloadavg()[0],
+        foreign_share_before=idle_share,
+        foreign_cpu_share=max(busy - cpu, 0.0) / (wall * os.cpu_count()),
     )
     return result
 
@@ -238,7 +271,7 @@ def summarize(measurements, work, pairs, steps, peak_gflops) -> list[dict]:
             "first_step": longs[0]["first_step"],
             "padding_fraction": longs[0].get("padding_fraction"),
             "cuda_max_allocated_mb": longs[0].get("cuda_max_allocated_mb"),
-            "load": [r["load_before"] for r in m.runs],
+            "foreign_cpu_share": statistics.median(r["foreign_cpu_share"] for r in m.runs),
         }
         table.append(row)
     base = next(r for r in table if r["label"] == "dpokit (default)")
@@ -260,18 +293,20 @@ def markdown(table, meta) -> str:
         f"Useful model FLOPs per step: {meta['flops_per_step'] / 1e9:.1f} GFLOP. "
         f"Steady state = (time of {meta['steps'][1]} steps - time of {meta['steps'][0]}) / "
         f"{meta['steps'][1] - meta['steps'][0]}, median of {meta['repeats']} alternated repeats. "
-        f"Load average over the run: {meta['load_min']:.1f} - {meta['load_max']:.1f}.",
+        f"Other processes on the machine used {meta['foreign_median']:.0%} of its CPU time during "
+        f"the median run ({meta['foreign_max']:.0%} at most).",
         "",
-        "| configuration | s/step | pairs/s | tokens/s | peak RSS MB | MFU | padding | "
-        "dpokit speed-up | dpokit memory | first-step loss | logps/chosen | rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | s/step | CPU s/step | pairs/s | tokens/s | peak RSS MB | MFU | padding "
+        "| dpokit speed-up | dpokit memory | first-step loss | logps/chosen | rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         first = r["first_step"]
         padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.1%}"
         diff = max(r["first_step_rel_diff"].values(), default=float("nan"))
         lines.append(
-            f"| {r['label']} | {r['seconds_per_step']:.2f} | {r['pairs_per_second']:.2f} | "
+            f"| {r['label']} | {r['seconds_per_step']:.2f} | {r['cpu_seconds_per_step']:.2f} | "
+            f"{r['pairs_per_second']:.2f} | "
             f"{r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.1%} | {padding} | "
             f"{r['speedup_of_dpokit']:.2f}x | {r['memory_ratio_of_dpokit']:.2f}x | "
             f"{first.get('loss', float('nan')):.6f} | "
@@ -279,7 +314,7 @@ def markdown(table, meta) -> str:
         )
     for label, _, _ in GPU_ONLY:
         if not meta["cuda"]:
-            lines.append(f"| {label} | not measured here (GPU only) |" + " |" * 10)
+            lines.append(f"| {label} | not measured here (GPU only) |" + " |" * 11)
     return "\n".join(lines)
 
 
@@ -295,6 +330,14 @@ def main() -> None:
     parser.add_argument("--skip", help="comma list of labels/contenders to leave out")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        nargs=2,
+        default=(0.15, 90.0),
+        metavar=("SHARE", "SECONDS"),
+        help="before each run, wait up to SECONDS until other processes use < SHARE of the CPUs",
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -349,19 +392,25 @@ def main() -> None:
                     "steps": steps,
                     "work": work,
                 }
-                result = run_worker(spec, log)
+                result = run_worker(spec, log, tuple(args.quiet))
                 result.update(repeat=repeat, steps=steps)
                 m.runs.append(result)
                 log(
                     f"[{time.perf_counter() - started:6.0f}s] repeat {repeat} {m.label:45s} "
-                    f"{steps} steps: {result['seconds']:.1f}s (load {result['load_before']:.1f})"
+                    f"{steps} steps: {result['seconds']:.1f}s, cpu {result['cpu_seconds']:.1f}s, "
+                    f"others used {result['foreign_cpu_share']:.0%} of the CPUs"
                 )
+                raw = [
+                    {"label": x.label, "overrides": x.overrides, "runs": x.runs}
+                    for x in measurements
+                ]
+                (out_dir / "raw_runs.json").write_text(json.dumps(raw, indent=1))
     peaks.append(peak())
     peak_gflops = max(peaks)
     table = summarize(measurements, work, pairs, (short, long_), peak_gflops)
     import torch
 
-    loads = [load for r in table for load in r["load"]]
+    foreign = [run["foreign_cpu_share"] for m in measurements for run in m.runs]
     meta = {
         "preset": args.preset,
         "shape": shape.to_dict(),
@@ -386,8 +435,8 @@ def main() -> None:
         / (long_ - short),
         "steps": [short, long_],
         "repeats": args.repeats,
-        "load_min": min(loads),
-        "load_max": max(loads),
+        "foreign_median": statistics.median(foreign),
+        "foreign_max": max(foreign),
         "command": " ".join(sys.argv),
         "wall_seconds": time.perf_counter() - started,
     }
