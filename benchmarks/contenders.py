@@ -21,6 +21,11 @@ BETA = 0.1
 LEARNING_RATE = 1e-6
 
 
+def _step_seconds(stamps: list[float]) -> list[float]:
+    """Durations of steps 2..N from the times each optimizer step ended (step 1 warms up)."""
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
 def _first_step(history: list[dict]) -> dict:
     first = history[0]
     return {k: float(first[k]) for k in ("loss", "logps/chosen", "logps/rejected") if k in first}
@@ -32,8 +37,8 @@ def _first_step(history: list[dict]) -> dict:
 
 def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
     """``dpokit.train`` with the engine's defaults, plus ``overrides`` (config key -> value)."""
-    import dpokit
     from dpokit.config import TrainConfig
+    from dpokit.engine import Trainer
 
     values = {
         "method": "dpo",
@@ -57,11 +62,22 @@ def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
     values.update(overrides)
     config = TrainConfig.from_dict(values)
     start = time.perf_counter()
-    result = dpokit.train(config)
+    trainer = Trainer(config)
+    stamps: list[float] = []
+    optimizer_step = trainer.optimizer.step
+
+    def timed_step(*args, **kwargs):  # the end of each optimizer step, for per-step times
+        out = optimizer_step(*args, **kwargs)
+        stamps.append(time.perf_counter())
+        return out
+
+    trainer.optimizer.step = timed_step
+    result = trainer.train()
     seconds = time.perf_counter() - start
     padding = [r["padding_fraction"] for r in result.history if "padding_fraction" in r]
     return {
         "seconds": seconds,
+        "step_seconds": _step_seconds(stamps),
         "first_step": _first_step(result.history),
         "padding_fraction": sum(padding) / len(padding) if padding else None,
     }
@@ -79,11 +95,15 @@ def run_trl(work: dict, steps: int, precompute: bool, scratch: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     captured: list[dict] = []
+    stamps: list[float] = []
 
     class Capture(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 captured.append(dict(logs))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(work["model"])
@@ -127,7 +147,11 @@ def run_trl(work: dict, steps: int, precompute: bool, scratch: Path) -> dict:
     trainer.train()
     trainer.save_model(str(scratch / "final"))  # as dpokit saves its final weights
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_step": _first_step(captured)}
+    return {
+        "seconds": seconds,
+        "step_seconds": _step_seconds(stamps),
+        "first_step": _first_step(captured),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +200,7 @@ def run_plain(work: dict, steps: int, scratch: Path) -> dict:
     reference = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32).eval()
     reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-    history = []
+    history, stamps = [], []
     size = work["batch_size"]
     for step in range(steps):
         chunk = rows[(step * size) % len(rows) :][:size]
@@ -192,6 +216,7 @@ def run_plain(work: dict, steps: int, scratch: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        stamps.append(time.perf_counter())
         history.append(
             {
                 "loss": loss.item(),
@@ -201,7 +226,11 @@ def run_plain(work: dict, steps: int, scratch: Path) -> dict:
         )
     policy.save_pretrained(str(scratch / "final"))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_step": _first_step(history)}
+    return {
+        "seconds": seconds,
+        "step_seconds": _step_seconds(stamps),
+        "first_step": _first_step(history),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

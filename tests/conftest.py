@@ -42,6 +42,16 @@ def tiny_bos_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_dir, tmp_path_factory):
+    """Another tiny model on the same tokenizer: a reference that differs from the policy."""
+    path = tmp_path_factory.mktemp("other-model")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
+    build_tiny_model(tokenizer, path, seed=7)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture()
 def tiny_tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(str(tiny_dir))

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit.config import TrainConfig
 from dpokit.engine import NonFiniteLossError, Trainer, train
 from dpokit.logprobs import CompletionScorer, scorer_kwargs
 from dpokit.losses import LossInputs, get_method
 from dpokit.metrics import read_metrics
 from dpokit.procedures import Procedure
 from dpokit.reference import FrozenReference
+from helpers import make_config
 
 PAIRWISE = ["dpo", "dpop", "slic", "ipo", "simpo", "odpo", "rdpo", "tdpo1", "tdpo2"]
 REFERENCE_FREE = {"slic", "simpo"}
@@ -44,26 +44,6 @@ def write_pairs(path, rows: int = 32, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl")
-
-
-def make_config(tiny_dir, pairs_file, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_dir),
-        data=pairs_file,
-        output_dir=str(tmp_path / "run"),
-        reference_cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=4,
-        max_length=64,
-        max_prompt_length=32,
-        progress=False,
-        shuffle=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
 
 
 def losses_of(history, split="train"):

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
@@ -21,7 +21,7 @@ from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method, kto_kl_baseline, kto_loss
 from dpokit.metrics import read_metrics
 from dpokit.procedures.kto import check_kto_config, mismatched_kl_baseline
-from dpokit.tiny import build_tiny_model
+from helpers import make_config
 
 TOPICS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
 
@@ -53,39 +53,12 @@ def write_pairs(path, rows: int = 8) -> str:
 
 
 @pytest.fixture(scope="module")
-def other_model_dir(tiny_dir, tmp_path_factory):
-    """Another tiny model on the same tokenizer: a reference that differs from the policy."""
-    path = tmp_path_factory.mktemp("other-model")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
-    build_tiny_model(tokenizer, path, seed=7)
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def unpaired_file(tmp_path_factory):
     return write_unpaired(tmp_path_factory.mktemp("kto-data") / "unpaired.jsonl")
 
 
 def kto_config(tiny_dir, data, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        method="kto",
-        model=str(tiny_dir),
-        data=data,
-        output_dir=str(tmp_path / "run"),
-        reference_cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=4,
-        max_length=64,
-        max_prompt_length=32,
-        progress=False,
-        shuffle=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return make_config(tiny_dir, data, tmp_path, **{"method": "kto", **overrides})
 
 
 def score_rows(model, sequences: list[tuple[list[int], list[int]]]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dpokit.metrics import read_metrics
 from dpokit.procedures import StepContext, pairwise_step
 from dpokit.reference import FrozenReference
 from dpokit.tiny import build_tiny_model
+from helpers import make_config
 
 SETTINGS = DataConfig(max_length=256, max_prompt_length=200)
 
@@ -63,24 +64,8 @@ def write_sessions(path, rows: int = 32, seed: int = 0) -> str:
 
 
 def segment_config(tiny_dir, data, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        method="segment_dpo",
-        model=str(tiny_dir),
-        data=data,
-        output_dir=str(tmp_path / "run"),
-        reference_cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=4,
-        max_length=160,
-        max_prompt_length=100,
-        progress=False,
-        shuffle=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    overrides = {"method": "segment_dpo", "max_length": 160, "max_prompt_length": 100, **overrides}
+    return make_config(tiny_dir, data, tmp_path, **overrides)
 
 
 # ---- masks --------------------------------------------------------------------------------------

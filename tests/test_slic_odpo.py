@@ -15,7 +15,7 @@ from dpokit.generation import generate_completions
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import LossInputs, get_method, odpo_loss, odpo_offsets, slic_loss
 from dpokit.procedures import slic as slic_procedure
-from dpokit.tiny import build_tiny_model
+from helpers import make_config as engine_config
 
 
 @pytest.fixture(scope="module")
@@ -35,33 +35,8 @@ def pairs_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def other_model_dir(tiny_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("other-model")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
-    build_tiny_model(tokenizer, path, seed=7)
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
 def make_config(tiny_dir, data, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_dir),
-        data=data,
-        output_dir=str(tmp_path / "run"),
-        reference_cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=2,
-        max_length=64,
-        max_prompt_length=32,
-        progress=False,
-        shuffle=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return engine_config(tiny_dir, data, tmp_path, **{"max_steps": 2, **overrides})
 
 
 def completion_logps(model, rows, column: str) -> torch.Tensor:

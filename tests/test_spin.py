@@ -21,6 +21,7 @@ from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.procedures import PROCEDURES
 from dpokit.reference import FrozenReference
+from helpers import run_config
 
 LN2 = math.log(2)
 WORDS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
@@ -41,25 +42,13 @@ def write_sft(path) -> str:
 def make_config(model, data, out, **overrides) -> TrainConfig:
     values = dict(
         method="spin",
-        model=str(model),
-        data=str(data),
-        output_dir=str(out),
-        reference_cache_dir=str(out.parent / f"{out.name}-cache"),
         iterations=2,
         temperature=0.0,  # greedy: the test can regenerate the same answers independently
         max_new_tokens=NEW_TOKENS,
         generation_batch_size=1,  # unpadded prompts, as the independent check generates them
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=2,
-        max_length=64,
-        max_prompt_length=32,
-        progress=False,
     )
     values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return run_config(model, data, out, **values)
 
 
 def weights(directory) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from dpokit.engine import Trainer, train
 from dpokit.logprobs import CompletionScorer
 from dpokit.procedures.stepwise import plan_steps
 from dpokit.reference import FrozenReference
+from helpers import run_config
 
 LN2 = math.log(2)
 WORDS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
@@ -43,23 +44,7 @@ def write_pairs(path, rows: int = 16, steps: list | None = None, seed: int = 0) 
 
 
 def make_config(model, data, out, **overrides) -> TrainConfig:
-    values = dict(
-        method="stepwise_dpo",
-        model=str(model),
-        data=str(data),
-        output_dir=str(out),
-        reference_cache_dir=str(out.parent / f"{out.name}-cache"),
-        batch_size=4,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        max_steps=2,
-        max_length=64,
-        max_prompt_length=32,
-        progress=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return run_config(model, data, out, **{"method": "stepwise_dpo", **overrides})
 
 
 def read_jsonl(path) -> list[dict]:

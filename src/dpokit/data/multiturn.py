@@ -38,21 +38,22 @@ from datasets import Features, List, Value
 
 from .collate import PairCollator
 from .config import DataConfig
-from .errors import DataError, InvalidRow
-from .formats import Format, detect_format, read_messages, register_format
+from .errors import InvalidRow
+from .formats import Format, read_messages, register_format
 from .loading import RowLocator, load_source
 from .pipeline import (
     PreparedData,
-    _cache_exists,
+    RowGuard,
     _cache_file,
     _column_kinds,
     _derive,
     _kept_rows,
-    _num_proc,
-    _report,
+    _source_rows,
     pairs_fingerprint,
+    tokenize_rows,
 )
-from .summary import COMPLETIONS_TRUNCATED, DROP_REASON, IDENTICAL, PROMPT_TRUNCATED, summarize
+from .pipeline import _detect as _detect_source_format
+from .summary import COMPLETIONS_TRUNCATED, DROP_REASON, IDENTICAL, PROMPT_TRUNCATED
 from .tokenization import PairEncoder
 
 START_FIELD = "segment_start"
@@ -303,13 +304,8 @@ def prepare_segments(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = src.dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", source=src.name)
-    try:
-        fmt = detect_format(_column_kinds(dataset), config, task="sessions")
-    except InvalidRow as error:
-        raise DataError(str(error), source=src.name) from None
+    dataset = _source_rows(src)
+    fmt = _detect_source_format(_column_kinds(dataset), config, src.name, task="sessions")
     encoder = SessionEncoder(tokenizer, config)
     encoder.pairs.require_chat_template(src.name)
     fingerprint = _derive(
@@ -319,23 +315,17 @@ def prepare_segments(
     cache_file = _cache_file(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "segments-")
-    num_proc = _num_proc(config, len(dataset))
-    from_cache = cache_file is not None and _cache_exists(cache_file, num_proc)
-    mapped = dataset.map(
+    mapped, summary, from_cache = tokenize_rows(
+        dataset,
         SegmentRowProcessor(fmt, encoder, config, src.name, src.locator),
-        with_indices=True,
-        batched=True,
-        remove_columns=dataset.column_names,
-        features=_features(),
-        num_proc=num_proc,
-        cache_file_name=cache_file,
-        new_fingerprint=fingerprint,
-        desc="dpokit: tokenizing session pairs",
+        _features(),
+        src.name,
+        fmt.name,
+        config,
+        fingerprint,
+        cache_file,
+        "dpokit: tokenizing session pairs",
     )
-    summary = summarize(mapped, src.name, fmt.name, config.identical_pairs)
-    _report(summary)
-    if summary.rows_kept == 0:
-        raise DataError(f"no rows left to train on\n{summary.format()}", source=src.name)
     kept = _kept_rows(mapped, fingerprint)
     return PreparedData(kept, summary, fingerprint, False, cache_file, from_cache)
 
@@ -349,7 +339,7 @@ COLUMNS = (
 )
 
 
-class SegmentRowProcessor:
+class SegmentRowProcessor(RowGuard):
     """``Dataset.map`` function: raw rows -> ids, segment masks and the summary's status columns."""
 
     def __init__(
@@ -397,13 +387,6 @@ class SegmentRowProcessor:
             if not any(mask):
                 return None, "segment truncated away", pair.identical
         return encoded, "", pair.identical
-
-    def _guard(self, index: int, fn, *args):
-        try:
-            return fn(*args)
-        except InvalidRow as error:
-            row, kind = self.locator.locate(index)
-            raise DataError(str(error), self.source_name, row, kind) from None
 
 
 def _features() -> Features:

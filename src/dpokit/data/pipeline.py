@@ -77,9 +77,7 @@ def prepare_pairs(
     """
     config = config or DataConfig()
     src = reread_mixed_pairs(load_source(source, config, split), config)
-    dataset = src.dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", source=src.name)
+    dataset = _source_rows(src)
     kinds = _column_kinds(dataset)
     fmt = _detect(kinds, config, src.name)
     encoder = PairEncoder(tokenizer, config)
@@ -88,31 +86,75 @@ def prepare_pairs(
     has_scores = _check_scores(kinds, config, src.name)
     fingerprint = pairs_fingerprint(src.fingerprint, fmt.name, tokenizer, encoder, config)
     cache_file = _cache_file(src, config, fingerprint)
+    mapped, summary, from_cache = tokenize_rows(
+        dataset,
+        PairRowProcessor(fmt, encoder, config, has_scores, src.name, src.locator),
+        _features(has_scores),
+        src.name,
+        fmt.name,
+        config,
+        fingerprint,
+        cache_file,
+        "dpokit: tokenizing pairs",
+    )
+    kept = _kept_rows(mapped, fingerprint)
+    return PreparedData(kept, summary, fingerprint, has_scores, cache_file, from_cache)
+
+
+def tokenize_rows(
+    dataset: datasets.Dataset,
+    processor,
+    features: Features,
+    source_name: str,
+    format_name: str,
+    config: DataConfig,
+    fingerprint: str,
+    cache_file: str | None,
+    desc: str,
+) -> tuple[datasets.Dataset, DataSummary, bool]:
+    """Map ``processor`` over the raw rows (cached), summarize and log -> (mapped, summary,
+    from_cache). Raises `DataError` when every row was dropped."""
     num_proc = _num_proc(config, len(dataset))
     from_cache = cache_file is not None and _cache_exists(cache_file, num_proc)
-    processor = PairRowProcessor(fmt, encoder, config, has_scores, src.name, src.locator)
     mapped = dataset.map(
         processor,
         with_indices=True,
         batched=True,
         remove_columns=dataset.column_names,
-        features=_features(has_scores),
+        features=features,
         num_proc=num_proc,
         # Our own cache name and fingerprint: datasets would otherwise hash the tokenizer object,
         # whose hash changes with its runtime state, and miss the cache.
         cache_file_name=cache_file,
         new_fingerprint=fingerprint,
-        desc="dpokit: tokenizing pairs",
+        desc=desc,
     )
-    summary = summarize(mapped, src.name, fmt.name, config.identical_pairs)
+    summary = summarize(mapped, source_name, format_name, config.identical_pairs)
     _report(summary)
     if summary.rows_kept == 0:
-        raise DataError(f"no rows left to train on\n{summary.format()}", source=src.name)
-    kept = _kept_rows(mapped, fingerprint)
-    return PreparedData(kept, summary, fingerprint, has_scores, cache_file, from_cache)
+        raise DataError(f"no rows left to train on\n{summary.format()}", source=source_name)
+    return mapped, summary, from_cache
 
 
-class PairRowProcessor:
+class RowGuard:
+    """Mixin of the ``Dataset.map`` row processors: errors in a row name its source and line/row.
+
+    Needs ``self.source_name`` and ``self.locator`` (a `RowLocator`).
+    """
+
+    source_name: str
+    locator: RowLocator
+
+    def _guard(self, index: int, fn, *args):
+        """Call ``fn``; turn an `InvalidRow` into a `DataError` naming the source and row."""
+        try:
+            return fn(*args)
+        except InvalidRow as error:
+            row, kind = self.locator.locate(index)
+            raise DataError(str(error), self.source_name, row, kind) from None
+
+
+class PairRowProcessor(RowGuard):
     """The ``Dataset.map`` function: a batch of raw rows -> token ids + per-row status columns.
 
     Rows are normalized and rendered one by one (errors name the row), then each text column is
@@ -191,14 +233,6 @@ class PairRowProcessor:
             return "score tie"
         return "reversed scores" if chosen < rejected else ""
 
-    def _guard(self, index: int, fn, *args):
-        """Call ``fn``; turn an `InvalidRow` into a `DataError` naming the source and row."""
-        try:
-            return fn(*args)
-        except InvalidRow as error:
-            row, kind = self.locator.locate(index)
-            raise DataError(str(error), self.source_name, row, kind) from None
-
 
 def pairs_fingerprint(
     source_fingerprint: str, format_name: str, tokenizer, encoder: PairEncoder, config: DataConfig
@@ -224,9 +258,17 @@ def _column_kinds(dataset: datasets.Dataset) -> dict[str, str]:
     return kinds
 
 
-def _detect(kinds: dict, config: DataConfig, name: str) -> Format:
+def _source_rows(src: Source) -> datasets.Dataset:
+    """The source's rows as plain Python values; a `DataError` when there are none."""
+    dataset = src.dataset.with_format(None)
+    if len(dataset) == 0:
+        raise DataError("the dataset has no rows", source=src.name)
+    return dataset
+
+
+def _detect(kinds: dict, config: DataConfig, name: str, task: str = "pairs") -> Format:
     try:
-        return detect_format(kinds, config)
+        return detect_format(kinds, config, task=task)
     except InvalidRow as error:
         raise DataError(str(error), source=name) from None
 

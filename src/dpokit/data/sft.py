@@ -18,29 +18,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from datasets import Features, List, Value
 
 from .config import DataConfig
-from .errors import DataError, InvalidRow
-from .formats import Format, PairExample, detect_format, read_messages, read_text, register_format
-from .loading import RowLocator, load_source
+from .errors import InvalidRow
+from .formats import Format, read_messages, read_text, register_format
+from .loading import load_source
 from .pipeline import (
     PreparedData,
-    _cache_exists,
     _cache_file,
     _column_kinds,
+    _detect,
     _kept_rows,
-    _num_proc,
-    _report,
+    _source_rows,
     pairs_fingerprint,
+    tokenize_rows,
 )
-from .summary import (
-    COMPLETIONS_TRUNCATED,
-    DROP_REASON,
-    IDENTICAL,
-    PROMPT_TRUNCATED,
-    summarize,
-)
+from .single import CompletionRowProcessor, completion_features
 from .tokenization import PairEncoder
 
 COMPLETION_FIELD = "completion"
@@ -166,14 +159,8 @@ def prepare_sft(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = src.dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", source=src.name)
-    kinds = _column_kinds(dataset)
-    try:
-        fmt = detect_format(kinds, config, task="sft")
-    except InvalidRow as error:
-        raise DataError(str(error), source=src.name) from None
+    dataset = _source_rows(src)
+    fmt = _detect(_column_kinds(dataset), config, src.name, task="sft")
     encoder = PairEncoder(tokenizer, config)
     if fmt.kind == "chat":
         encoder.require_chat_template(src.name)
@@ -181,102 +168,27 @@ def prepare_sft(
     cache_file = _cache_file(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "sft-")
-    num_proc = _num_proc(config, len(dataset))
-    from_cache = cache_file is not None and _cache_exists(cache_file, num_proc)
-    mapped = dataset.map(
+    mapped, summary, from_cache = tokenize_rows(
+        dataset,
         SFTRowProcessor(fmt, encoder, src.name, src.locator),
-        with_indices=True,
-        batched=True,
-        remove_columns=dataset.column_names,
-        features=_features(),
-        num_proc=num_proc,
-        cache_file_name=cache_file,
-        new_fingerprint=fingerprint,
-        desc="dpokit: tokenizing SFT rows",
+        completion_features(),
+        src.name,
+        fmt.name,
+        config,
+        fingerprint,
+        cache_file,
+        "dpokit: tokenizing SFT rows",
     )
-    summary = summarize(mapped, src.name, fmt.name, config.identical_pairs)
-    _report(summary)
-    if summary.rows_kept == 0:
-        raise DataError(f"no rows left to train on\n{summary.format()}", source=src.name)
     kept = _kept_rows(mapped, fingerprint)
     return PreparedData(kept, summary, fingerprint, False, cache_file, from_cache)
 
 
-class SFTRowProcessor:
+class SFTRowProcessor(CompletionRowProcessor):
     """``Dataset.map`` function: raw rows -> prompt/completion ids + the summary's status columns.
 
     ``_completions_truncated`` counts the one completion of each row; ``_identical`` is always
     False (there is no pair).
     """
-
-    def __init__(self, fmt: Format, encoder: PairEncoder, source_name: str, locator: RowLocator):
-        self.fmt = fmt
-        self.encoder = encoder
-        self.source_name = source_name
-        self.locator = locator
-
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        n = len(indices)
-        rows = [{column: values[i] for column, values in batch.items()} for i in range(n)]
-        texts = [
-            self._guard(index, self._render, row) for row, index in zip(rows, indices, strict=True)
-        ]
-        prompts = self.encoder.tokenize([t[0] for t in texts])
-        completions = self.encoder.tokenize([t[1] for t in texts])
-        out = {column: [] for column in SFT_COLUMNS}
-        out.update({PROMPT_TRUNCATED: [], COMPLETIONS_TRUNCATED: []})
-        for index, prompt, completion in zip(indices, prompts, completions, strict=True):
-            prompt, completion, prompt_cut, completion_cut = self._guard(
-                index, self._finish, prompt, completion
-            )
-            out["prompt_input_ids"].append(prompt)
-            out["completion_input_ids"].append(completion)
-            out[PROMPT_TRUNCATED].append(prompt_cut)
-            out[COMPLETIONS_TRUNCATED].append(completion_cut)
-        out[DROP_REASON] = [""] * n
-        out[IDENTICAL] = [False] * n
-        return out
-
-    def _render(self, row: dict) -> tuple[str, str]:
-        example = self.fmt.normalize(row, self.encoder.config)
-        # The pair encoder renders chat through the template; the completion fills both sides.
-        pair = PairExample(example.kind, example.prompt, example.completion, example.completion)
-        prompt, completion, _ = self.encoder.render(pair)
-        return prompt, completion
-
-    def _finish(self, prompt: list[int], completion: list[int]):
-        encoder = self.encoder
-        prompt = encoder.with_bos(prompt)
-        if not prompt:
-            raise InvalidRow(
-                "the prompt encodes to no tokens: the first completion token needs context"
-            )
-        prompt, prompt_cut = encoder.truncate_prompt(prompt)
-        completion, completion_cut = encoder.truncate_completion(
-            "completion", len(prompt), encoder.with_eos(completion)
-        )
-        return prompt, completion, prompt_cut, completion_cut
-
-    def _guard(self, index: int, fn, *args):
-        try:
-            return fn(*args)
-        except InvalidRow as error:
-            row, kind = self.locator.locate(index)
-            raise DataError(str(error), self.source_name, row, kind) from None
-
-
-def _features() -> Features:
-    ids = List(Value("int32"))
-    return Features(
-        {
-            "prompt_input_ids": ids,
-            "completion_input_ids": ids,
-            PROMPT_TRUNCATED: Value("bool"),
-            COMPLETIONS_TRUNCATED: Value("int8"),
-            DROP_REASON: Value("string"),
-            IDENTICAL: Value("bool"),
-        }
-    )
 
 
 # ---- collation ----------------------------------------------------------------------------------

@@ -33,27 +33,20 @@ from datasets import Features, List, Value
 from .collate import PairCollator
 from .config import DataConfig
 from .errors import DataError, InvalidRow
-from .formats import Format, PairExample, detect_format, read_messages, read_text, register_format
-from .loading import RowLocator, load_source
+from .formats import Format, detect_format, read_messages, read_text, register_format
+from .loading import load_source
 from .pipeline import (
     PreparedData,
-    _cache_exists,
     _cache_file,
     _column_kinds,
     _derive,
-    _num_proc,
-    _report,
+    _source_rows,
     pairs_fingerprint,
     prepare_pairs,
+    tokenize_rows,
 )
-from .summary import (
-    COMPLETIONS_TRUNCATED,
-    DROP_REASON,
-    IDENTICAL,
-    PROMPT_TRUNCATED,
-    STATUS_COLUMNS,
-    summarize,
-)
+from .single import CompletionRowProcessor, completion_features
+from .summary import STATUS_COLUMNS
 from .tokenization import PairEncoder
 
 logger = logging.getLogger("dpokit.data")
@@ -173,9 +166,7 @@ def prepare_unpaired(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = src.dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", source=src.name)
+    dataset = _source_rows(src)
     kinds = _column_kinds(dataset)
     fmt = _detect(kinds, config, src.name)
     if fmt is None:
@@ -190,21 +181,17 @@ def prepare_unpaired(
     cache_file = _cache_file(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "unpaired-")
-    num_proc = _num_proc(config, len(dataset))
-    from_cache = cache_file is not None and _cache_exists(cache_file, num_proc)
-    mapped = dataset.map(
+    mapped, summary, from_cache = tokenize_rows(  # rows are never dropped here
+        dataset,
         UnpairedRowProcessor(fmt, encoder, src.name, src.locator),
-        with_indices=True,
-        batched=True,
-        remove_columns=dataset.column_names,
-        features=_features(),
-        num_proc=num_proc,
-        cache_file_name=cache_file,
-        new_fingerprint=fingerprint,
-        desc="dpokit: tokenizing unpaired examples",
+        completion_features({LABEL_FIELD: Value("bool")}),
+        src.name,
+        fmt.name,
+        config,
+        fingerprint,
+        cache_file,
+        "dpokit: tokenizing unpaired examples",
     )
-    summary = summarize(mapped, src.name, fmt.name, config.identical_pairs)
-    _report(summary)
     examples = mapped.remove_columns(
         list(STATUS_COLUMNS), new_fingerprint=_derive(fingerprint, "out")
     )
@@ -280,82 +267,13 @@ def _unpair(batch: dict[str, list]) -> dict[str, list]:
     return out
 
 
-class UnpairedRowProcessor:
+class UnpairedRowProcessor(CompletionRowProcessor):
     """``Dataset.map`` function: raw rows -> prompt/completion ids, label, status columns."""
 
-    def __init__(self, fmt: Format, encoder: PairEncoder, source_name: str, locator: RowLocator):
-        self.fmt = fmt
-        self.encoder = encoder
-        self.source_name = source_name
-        self.locator = locator
+    extra_columns = (LABEL_FIELD,)
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        n = len(indices)
-        rows = [{column: values[i] for column, values in batch.items()} for i in range(n)]
-        read = [
-            self._guard(index, self._render, row) for row, index in zip(rows, indices, strict=True)
-        ]
-        # One tokenizer call per text column: fast tokenizers batch in Rust.
-        prompts = self.encoder.tokenize([prompt for prompt, _, _ in read])
-        completions = self.encoder.tokenize([completion for _, completion, _ in read])
-        out = {"prompt_input_ids": [], "completion_input_ids": [], LABEL_FIELD: []}
-        out.update({PROMPT_TRUNCATED: [], COMPLETIONS_TRUNCATED: []})
-        for index, prompt, completion, (_, _, desirable) in zip(
-            indices, prompts, completions, read, strict=True
-        ):
-            prompt, completion, prompt_cut, completion_cut = self._guard(
-                index, self._finish, prompt, completion
-            )
-            out["prompt_input_ids"].append(prompt)
-            out["completion_input_ids"].append(completion)
-            out[LABEL_FIELD].append(desirable)
-            out[PROMPT_TRUNCATED].append(prompt_cut)
-            out[COMPLETIONS_TRUNCATED].append(completion_cut)
-        out[DROP_REASON] = [""] * n
-        out[IDENTICAL] = [False] * n
-        return out
-
-    def _render(self, row: dict) -> tuple[str, str, bool]:
-        example = self.fmt.normalize(row, self.encoder.config)
-        # The pair encoder renders chat through the template; the completion fills both sides.
-        pair = PairExample(example.kind, example.prompt, example.completion, example.completion)
-        prompt, completion, _ = self.encoder.render(pair)
-        return prompt, completion, example.desirable
-
-    def _finish(self, prompt: list[int], completion: list[int]):
-        encoder = self.encoder
-        prompt = encoder.with_bos(prompt)
-        if not prompt:
-            raise InvalidRow(
-                "the prompt encodes to no tokens: the first completion token needs context"
-            )
-        prompt, prompt_cut = encoder.truncate_prompt(prompt)
-        completion, completion_cut = encoder.truncate_completion(
-            "completion", len(prompt), encoder.with_eos(completion)
-        )
-        return prompt, completion, prompt_cut, completion_cut
-
-    def _guard(self, index: int, fn, *args):
-        try:
-            return fn(*args)
-        except InvalidRow as error:
-            row, kind = self.locator.locate(index)
-            raise DataError(str(error), self.source_name, row, kind) from None
-
-
-def _features() -> Features:
-    ids = List(Value("int32"))
-    return Features(
-        {
-            "prompt_input_ids": ids,
-            "completion_input_ids": ids,
-            LABEL_FIELD: Value("bool"),
-            PROMPT_TRUNCATED: Value("bool"),
-            COMPLETIONS_TRUNCATED: Value("int8"),
-            DROP_REASON: Value("string"),
-            IDENTICAL: Value("bool"),
-        }
-    )
+    def _extras(self, example: UnpairedExample) -> tuple[bool]:
+        return (example.desirable,)
 
 
 # ---- the mismatched pairs -----------------------------------------------------------------------
