@@ -61,14 +61,14 @@ def profile(model: str, data: str, steps: int, overrides: list[str], max_length:
         trainer._clip()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
-        return float(out.loss)
+        return out.loss.detach().item()
 
     step(batches[0])  # warm-up
     with torch_profiler(torch_profile, ProfilerActivity) as prof:
         start = time.perf_counter()
         for batch in batches[1:]:
             step(batch)
-        wall = (time.perf_counter() - start) / steps
+        wall = (time.perf_counter() - start) / max(len(batches) - 1, 1)
     groups: dict[str, float] = defaultdict(float)
     for event in prof.events():
         groups[_group(event)] += event.self_cpu_time_total

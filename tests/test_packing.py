@@ -26,6 +26,8 @@ from dpokit.data.packing import (
 from dpokit.engine import Trainer
 from dpokit.logprobs import (
     CompletionScorer,
+    SoftmaxWorkspace,
+    _right_padded,
     chunked_token_logps,
     packed_attention_mask,
     scorer_kwargs,
@@ -96,6 +98,19 @@ def test_padding_free_layout_by_hand():
 def test_two_row_padding_fraction_by_hand():
     batch = PairCollator(pad_token_id=0)(ROWS)  # lengths 5, 2, 4, 4 padded to 5: 5 of 20 slots
     assert padding_fraction(batch) == pytest.approx(5 / 20)
+
+
+def test_right_padded_rows_run_without_a_mask(tiny_model):
+    """Two-row batches are right-padded: causal attention alone hides the padding, so the model
+    gets no mask (its causal kernel); any other 2D mask is passed on."""
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert _right_padded(right) and not _right_padded(left)
+    scorer = CompletionScorer(tiny_model, fast=True)
+    assert scorer._model_kwargs(right, None, None, None)["attention_mask"] is None
+    assert scorer._model_kwargs(left, None, None, None)["attention_mask"] is left
+    positions = torch.arange(4).expand(3, 4)
+    assert scorer._model_kwargs(right, positions, None, None)["attention_mask"] is right
 
 
 def test_packed_attention_mask_by_hand():
@@ -216,6 +231,37 @@ def test_saved_softmax_gives_the_same_log_probs_and_gradients():
         out.sum().backward()
     with pytest.raises(ValueError):
         chunked_token_logps(hidden, weight, targets, save_rows=-1)
+
+
+def test_softmax_workspace_is_reused_and_never_shared_between_live_graphs():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (6,), generator=g)
+    expected = chunked_token_logps(hidden, weight, targets, chunk_size=4)
+    expected_grads = torch.autograd.grad(expected.sum(), (hidden, weight))
+    workspace = SoftmaxWorkspace()
+
+    def run():
+        return chunked_token_logps(hidden, weight, targets, None, 4, 6, workspace)
+
+    first = run()
+    held = workspace._buffer
+    assert held is not None and held.shape == (6, 40)
+    second = run()  # the first graph still holds the buffer: this one gets fresh memory
+    assert workspace._buffer is held
+    for out in (first, second):  # both backward correctly: nothing was overwritten
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.sum(), (hidden, weight))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    buffer = workspace._buffer
+    third = run()  # given back by backward: the same memory again
+    assert workspace._buffer is buffer
+    del third  # a graph freed without a backward gives it back too
+    fourth = run()
+    assert workspace._buffer is buffer
+    torch.testing.assert_close(fourth, expected)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SCORER_KEYS",
     "CompletionScorer",
+    "SoftmaxWorkspace",
     "ScoreOutput",
     "chunked_token_kl",
     "chunked_token_logps",
@@ -72,15 +74,19 @@ def _vocab_slices(weight: Tensor, rows: int, dtype: torch.dtype) -> list[slice]:
 
 
 def _chunk_logits(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """logits = hidden @ weight.T + bias, computed in ``dtype``.  (C, H) -> (C, V)"""
+    """logits = hidden @ weight.T + bias, computed in ``dtype`` (into ``out``). (C, H) -> (C, V)"""
     h = hidden.to(dtype)  # (C, H)
     slices = _vocab_slices(weight, h.shape[0], dtype)
     if len(slices) == 1:
-        logits = h @ weight.to(dtype).T  # (C, V)
+        logits = torch.mm(h, weight.to(dtype).T, out=out)  # (C, V)
     else:
-        logits = h.new_empty(h.shape[0], weight.shape[0])  # (C, V)
+        logits = h.new_empty(h.shape[0], weight.shape[0]) if out is None else out  # (C, V)
         for s in slices:
             logits[:, s] = h @ weight[s].to(dtype).T
     if bias is not None:
@@ -128,37 +134,85 @@ def _softmax_stats_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Te
     return target_logits, row_max, sums
 
 
+class SoftmaxWorkspace:
+    """A (rows, V) buffer kept across steps for the exps that the LM-head kernel saves.
+
+    On CPU every fresh allocation of this size is page-faulted in (the kernel zero-fills each
+    page) on every step, which costs a fifth of the head's forward matmul; a kept buffer does
+    not. One graph holds it at a time: taken in forward, given back in backward, or when the
+    graph that took it is freed unused. A forward while it is held gets fresh memory instead.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._holder = None  # weakref to the token of the graph that holds the buffer
+
+    def take(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        """(a (rows, vocab) buffer, a token to hand back), or (None, None) if it is in use."""
+        if self._holder is not None and self._holder() is not None:
+            return None, None
+        buffer = self._buffer
+        fits = (
+            buffer is not None
+            and (buffer.dtype, buffer.device, buffer.shape[1]) == (dtype, device, vocab)
+            and buffer.shape[0] >= rows
+        )
+        if not fits:
+            self._buffer = buffer = torch.empty(rows, vocab, dtype=dtype, device=device)
+        token = _Token()
+        self._holder = weakref.ref(token)
+        return buffer[:rows], token
+
+    def give_back(self, token) -> None:
+        if self._holder is not None and self._holder() is token:
+            self._holder = None
+
+
+class _Token:
+    """Held by the graph that uses a SoftmaxWorkspace buffer (weakly referenced by it)."""
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """logp_i = z_i[y_i] - logsumexp(z_i), z_i = W h_i + b, one chunk of rows at a time.
 
     Saves the inputs and the (N,) log-normaliser; d logp_i / d z_i = onehot(y_i) - softmax(z_i).
-    Backward recomputes each chunk's logits, except for the first ``save_rows`` rows, whose softmax
-    the forward keeps (O(save_rows x V) memory for one matmul of 2 x rows x H x V FLOPs fewer).
+    Backward recomputes each chunk's logits, except for the first ``save_rows`` rows, whose
+    exp(z - max) the forward keeps, with 1 / sum(exp(z - max)) per row (O(save_rows x V) memory
+    for one matmul of 2 x rows x H x V FLOPs fewer; normalising in backward saves a pass).
     The weight gradient is accumulated over chunks in fp32 (a (V, H) buffer) so a bf16 head is not
     rounded once per chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, save_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, save_rows, workspace):
         dtype = _compute_dtype(hidden, weight, bias)
-        logps = hidden.new_empty(hidden.shape[0], dtype=dtype)  # (N,)
-        lse = hidden.new_empty(hidden.shape[0], dtype=dtype)  # (N,)
-        probs = []  # softmax of the chunks that fit in save_rows, (C, V) each
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=dtype)  # (N,)
+        lse = hidden.new_empty(n, dtype=dtype)  # (N,)
+        exps = []  # exp(z - max) of the chunks that fit in save_rows, (C, V) each
+        saved = n if save_rows >= n else save_rows // chunk_size * chunk_size  # whole chunks
+        inv_sums = hidden.new_zeros(saved, dtype=dtype)  # (S,)
+        buffer, token = None, None
+        if workspace is not None and saved > 0:
+            buffer, token = workspace.take(saved, weight.shape[0], dtype, hidden.device)
         with _no_autocast(hidden.device):
-            for rows in _row_chunks(hidden.shape[0], chunk_size):
-                logits = _chunk_logits(hidden[rows], weight, bias, dtype)  # (C, V)
+            for rows in _row_chunks(n, chunk_size):
+                out = buffer[rows] if buffer is not None and rows.stop <= saved else None
+                logits = _chunk_logits(hidden[rows], weight, bias, dtype, out)  # (C, V)
                 target_logits, row_max, sums = _softmax_stats_(logits, targets[rows])
                 lse[rows] = row_max + sums.log()
                 logps[rows] = target_logits - lse[rows]
-                if rows.stop <= save_rows:
-                    probs.append(logits.div_(sums[:, None]))  # exp(z - max) / sum = softmax(z)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, *probs)
+                if rows.stop <= saved:
+                    exps.append(logits)  # softmax(z) = exp(z - max) / sum
+                    inv_sums[rows] = sums.reciprocal()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, inv_sums, *exps)
         ctx.chunk_size = chunk_size
+        ctx.workspace, ctx.token = workspace, token
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, bias, targets, lse, *probs = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, inv_sums, *exps = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = lse.dtype
         grad_logps = grad_logps.to(dtype)  # (N,)
@@ -167,25 +221,27 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_b else None  # (V,)
         with _no_autocast(hidden.device):
             for i, rows in enumerate(_row_chunks(hidden.shape[0], ctx.chunk_size)):
-                if i < len(probs):
-                    # The saved softmax is used up here: a second backward through this graph
+                g = grad_logps[rows, None]  # (C, 1)
+                # g * (onehot(y) - softmax(z)), built in the exp buffer: no second (C, V).
+                if i < len(exps):
+                    # The saved exps are used up here: a second backward through this graph
                     # (retain_graph=True) fails loudly on the version check instead of silently
                     # reading gradients.
-                    softmax = probs[i]  # (C, V)
+                    grad_logits = exps[i].mul_(-g * inv_sums[rows, None])  # (C, V)
                 else:
                     logits = _chunk_logits(hidden[rows], weight, bias, dtype)  # (C, V)
-                    softmax = logits.sub_(lse[rows, None]).exp_()
-                g = grad_logps[rows, None]  # (C, 1)
-                # g * (onehot(y) - softmax(z)), built in the softmax buffer: no second (C, V).
-                grad_logits = softmax.mul_(-g)
+                    grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g)
                 grad_logits.scatter_add_(1, targets[rows, None], g)
                 grad_hidden[rows] = _chunk_backward(grad_logits, hidden[rows], weight, grad_weight)
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(dim=0)
+        if ctx.token is not None:
+            ctx.workspace.give_back(ctx.token)
         return (
             _cast_grad(grad_hidden, hidden, need_h),
             _cast_grad(grad_weight, weight, need_w),
             _cast_grad(grad_bias, bias, need_b),
+            None,
             None,
             None,
             None,
@@ -199,6 +255,7 @@ def chunked_token_logps(
     bias: Tensor | None = None,
     chunk_size: int = 1024,
     save_rows: int = 0,
+    workspace: SoftmaxWorkspace | None = None,
 ) -> Tensor:
     """Log-probability of each target token under an LM head, without materialising (N, V) logits.
 
@@ -212,6 +269,7 @@ def chunked_token_logps(
         save_rows: keep the softmax of (about) the first ``save_rows`` rows, whole chunks only,
             from forward for backward instead of recomputing their logits: faster by one
             (rows, H) x (H, V) matmul, at 4 x V bytes per row. 0 (default): recompute all.
+        workspace: where to keep those rows (reused across calls; see :class:`SoftmaxWorkspace`).
 
     Returns:
         (N,) fp32 log-probs (fp64 if an input is fp64), differentiable wrt hidden, weight, bias.
@@ -220,7 +278,9 @@ def chunked_token_logps(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if save_rows < 0:
         raise ValueError(f"save_rows must be >= 0, got {save_rows}")
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk_size, save_rows)
+    return _ChunkedTokenLogps.apply(
+        hidden, weight, bias, targets.long(), chunk_size, save_rows, workspace
+    )
 
 
 def _kl_terms(logits_pol: Tensor, lse_pol: Tensor, logits_ref: Tensor, lse_ref: Tensor) -> Tensor:
@@ -489,6 +549,7 @@ class CompletionScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.saved_softmax_mb = saved_softmax_mb
+        self._workspace = SoftmaxWorkspace()
         blocker = _fast_path_blocker(model)
         if fast and blocker is not None:
             raise ValueError(f"fast=True but the fast path cannot score this model: {blocker}")
@@ -561,6 +622,7 @@ class CompletionScorer(nn.Module):
                 getattr(head, "bias", None),
                 self.chunk_size,
                 save_rows=self._save_rows(head.weight) if torch.is_grad_enabled() else 0,
+                workspace=self._workspace,
             )
             extra = {"completion_hidden": hidden if return_hidden else None}
         else:
@@ -588,6 +650,12 @@ class CompletionScorer(nn.Module):
         (R, 1, T, T) mask built here (sdpa: bool, eager: additive), or position ids alone
         (flash-attention's varlen kernels find the sequence boundaries from them)."""
         if segment_ids is None:
+            if position_ids is None and _right_padded(attention_mask):
+                # Padding only after each row's tokens: causal attention alone already keeps every
+                # real token from seeing it, so let the model run its causal kernel (SDPA skips
+                # the upper triangle and builds no (N, 1, T, T) mask). Padding positions attend to
+                # real tokens then, but are never scored.
+                attention_mask = None
             return {"attention_mask": attention_mask, "position_ids": position_ids}
         if position_ids is None:
             raise ValueError("packed rows need position_ids")
@@ -657,6 +725,14 @@ class CompletionScorer(nn.Module):
         if error > tol:
             reason = f"its logits are not decoder @ W.T + b (max |diff| {error:.3g} > {tol:.3g})"
             self._use_exact_path(reason)
+
+
+def _right_padded(attention_mask: Tensor | None) -> bool:
+    """True if every row of a 2D mask is ones followed by zeros (or has no padding at all)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 SCORER_KEYS = ("position_ids", "sequence_ids", "segment_ids", "branch_ids")

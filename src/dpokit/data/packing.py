@@ -79,7 +79,10 @@ def pair_collator(
 
 
 def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:
-    """Share of the (R, L) token slots of a batch that hold padding: 1 - real tokens / (R x L)."""
+    """Share of the (R, L) token slots of a batch that hold padding: 1 - real tokens / (R x L).
+    NaN (left out of the step's mean) for a batch without ``input_ids``/``attention_mask``."""
+    if batch.get("input_ids") is None or batch.get("attention_mask") is None:
+        return float("nan")
     slots = batch["input_ids"].numel()
     return 1.0 - float(batch["attention_mask"].sum()) / max(slots, 1)
 
