@@ -46,6 +46,17 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def score_batch(scorer, batch: dict[str, torch.Tensor], return_hidden: bool) -> ScoreOutput:
+    """One scorer call on a collated batch (two-row or packed layout)."""
+    return scorer(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        **scorer_kwargs(batch),  # position ids; packed rows' layout
+        return_hidden=return_hidden,
+    )
+
+
 class FrozenReference:
     """A separate frozen model, kept in eval mode with no gradients."""
 
@@ -54,13 +65,7 @@ class FrozenReference:
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
-        return self.scorer(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            **scorer_kwargs(batch),  # position ids; packed rows' layout
-            return_hidden=return_hidden,
-        )
+        return score_batch(self.scorer, batch, return_hidden)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -82,13 +87,7 @@ class AdapterOffReference:
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
         with self.policy_scorer.model.disable_adapter(), eval_mode(self.runner):
-            return self.runner(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                **scorer_kwargs(batch),  # position ids; packed rows' layout
-                return_hidden=return_hidden,
-            )
+            return score_batch(self.runner, batch, return_hidden)
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -109,13 +108,7 @@ class StartingPolicyReference:
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
         with eval_mode(self.runner):
-            return self.runner(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                **scorer_kwargs(batch),  # position ids; packed rows' layout
-                return_hidden=return_hidden,
-            )
+            return score_batch(self.runner, batch, return_hidden)
 
 
 class PrecomputedReference:
