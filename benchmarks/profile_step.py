@@ -56,7 +56,7 @@ def profile(model: str, data: str, steps: int, overrides: list[str], max_length:
     batches = list(trainer.train_loader)[: steps + 1]
 
     def step(batch):
-        out = trainer.procedure.step(context, batch)
+        out = trainer.procedure.batch_loss(context, batch)
         trainer.accelerator.backward(out.loss)
         trainer._clip()
         trainer.optimizer.step()

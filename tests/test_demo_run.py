@@ -66,7 +66,7 @@ def test_demo_writes_table_plot_and_every_data_shape(demo_run):
             "sessions.jsonl",
         )
     }
-    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "step"} <= set(
+    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "chunk"} <= set(
         first["pairs.jsonl"]
     )
     assert first["pairs.jsonl"]["score_chosen"] > first["pairs.jsonl"]["score_rejected"]

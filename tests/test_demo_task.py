@@ -77,7 +77,7 @@ def test_pairs_are_best_vs_worst_with_scores_and_easy_first_steps():
     ]
     assert (rows[0]["score_chosen"], rows[0]["score_rejected"]) == (0.9, -0.5)
     # gaps 1.4, 0.3, 0.4: ranks 0, 2, 1 -> steps 0, 1, 0 (rank * 2 // 3)
-    assert [r["step"] for r in rows] == [0, 1, 0]
+    assert [r["chunk"] for r in rows] == [0, 1, 0]
 
 
 def test_unpaired_rows_label_best_and_worst():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from dpokit import train
 from dpokit.config import TrainConfig
-from dpokit.engine import train
 
 TOPICS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
 

@@ -24,9 +24,10 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from dpokit import train
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import cpu_only_multiprocess, parameter_sharding
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.metrics import read_metrics
 from dpokit.reference import AdapterOffReference, StartingPolicyReference
 from multiproc import REPO, accelerate_command, child_env, free_port, run, torchrun_command

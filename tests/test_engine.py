@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit.engine import NonFiniteLossError, Trainer, train
+from dpokit import train
+from dpokit.engine import Trainer
+from dpokit.faults import NonFiniteLossError
 from dpokit.logprobs import CompletionScorer, scorer_kwargs
 from dpokit.losses import LossInputs, get_method
 from dpokit.metrics import read_metrics
-from dpokit.procedures import Procedure
 from dpokit.reference import FrozenReference
+from dpokit.steps import Procedure
 from helpers import make_config
 
 PAIRWISE = ["dpo", "dpop", "slic", "ipo", "simpo", "odpo", "rdpo", "tdpo1", "tdpo2"]
@@ -230,7 +232,7 @@ def test_lora_trains_only_adapters_and_adapter_off_is_the_base(tiny_dir, pairs_f
 def test_nonfinite_loss_stops_with_step_named_and_checkpoint_kept(tiny_dir, pairs_file, tmp_path):
     config = make_config(tiny_dir, pairs_file, tmp_path, max_steps=5)
     trainer = Trainer(config)
-    real_step = trainer.procedure.step
+    real_step = trainer.procedure.batch_loss
     calls = []
 
     def poisoned(ctx, batch):

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpokit import checkpoint as ckpt
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import TrainConfig
-from dpokit.engine import NonFiniteLossError, OutOfMemoryError, Trainer, train
+from dpokit.engine import Trainer
+from dpokit.faults import NonFiniteLossError, OutOfMemoryError
 from dpokit.metrics import read_metrics
 from multiproc import child_env, dpokit_command, run
 
@@ -174,7 +176,7 @@ def test_pruning_removes_the_marker_before_the_files(tmp_path, monkeypatch):
 
 
 def poison_loss(trainer, at_call: int) -> None:
-    real_step = trainer.procedure.step
+    real_step = trainer.procedure.batch_loss
     calls = []
 
     def step(ctx, batch):
@@ -184,7 +186,7 @@ def poison_loss(trainer, at_call: int) -> None:
             out.loss = out.loss * float("inf")
         return out
 
-    trainer.procedure = dataclasses.replace(trainer.procedure, step=step)
+    trainer.procedure = dataclasses.replace(trainer.procedure, batch_loss=step)
 
 
 def poison_gradient(trainer, at_call: int) -> None:
@@ -240,7 +242,7 @@ def test_out_of_memory_names_the_batch_and_what_helps(tiny_dir, tmp_path):
     data = write_rows(tmp_path / "pairs.jsonl", pair_rows(16))
     config = config_for(tiny_dir, data, tmp_path / "run", max_steps=3, reference_mode="model")
     trainer = Trainer(config)
-    real_step = trainer.procedure.step
+    real_step = trainer.procedure.batch_loss
     shapes = []
 
     def step(ctx, batch):
@@ -249,7 +251,7 @@ def test_out_of_memory_names_the_batch_and_what_helps(tiny_dir, tmp_path):
             raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_step(ctx, batch)
 
-    trainer.procedure = dataclasses.replace(trainer.procedure, step=step)
+    trainer.procedure = dataclasses.replace(trainer.procedure, batch_loss=step)
     with pytest.raises(OutOfMemoryError) as caught:
         trainer.train()
     message = str(caught.value)

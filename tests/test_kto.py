@@ -12,15 +12,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError, prepare_pairs
 from dpokit.data.unpaired import mismatched_partners, prepare_unpaired
-from dpokit.engine import Trainer, choose_reference_mode, train
+from dpokit.engine import Trainer
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method, kto_kl_baseline, kto_loss
 from dpokit.metrics import read_metrics
-from dpokit.procedures.kto import check_kto_config, mismatched_kl_baseline
+from dpokit.reference import choose_reference_mode
+from dpokit.steps.kto import check_kto_config, mismatched_kl_baseline
 from helpers import make_config
 
 TOPICS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
@@ -163,7 +165,7 @@ def test_z0_and_loss_equal_a_hand_computation(tiny_dir, other_model_dir, unpaire
     trainer = Trainer(config)
     batch = next(iter(trainer.train_loader))
     with torch.no_grad():
-        out = trainer.procedure.step(trainer._context("train"), batch)
+        out = trainer.procedure.batch_loss(trainer._context("train"), batch)
 
     rows = [trainer.train_data.dataset[i] for i in batch["index"].tolist()]
     policy = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
@@ -201,7 +203,7 @@ def test_precomputed_reference_gives_the_online_step(
         trainer = Trainer(config)
         batch = next(iter(trainer.train_loader))
         with torch.no_grad():
-            steps[mode] = trainer.procedure.step(trainer._context("train"), batch)
+            steps[mode] = trainer.procedure.batch_loss(trainer._context("train"), batch)
     for name in ("loss", "kl_baseline", "kl/mismatched", "rewards/desirable"):
         assert steps["precomputed"].metrics[name].item() == pytest.approx(
             steps["model"].metrics[name].item(), abs=1e-5

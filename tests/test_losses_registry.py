@@ -270,7 +270,7 @@ DEFAULTS = {
         "generation_batch_size": 16,
     },
     "segment_dpo": {"beta": 0.1},
-    "stepwise_dpo": {"beta": 0.1, "steps": 2, "order": "data"},
+    "stepwise_dpo": {"beta": 0.1, "chunks": 2, "order": "data"},
 }
 
 
@@ -285,8 +285,8 @@ def test_resolve_converts_strings():
     ipo = resolve_hyperparameters(get_method("ipo"), {"tau": "1e-2", "average": "False"})
     assert ipo == {"tau": 0.01, "average": False}
     assert resolve_hyperparameters(get_method("ipo"), {"average": "yes"})["average"] is True
-    assert resolve_hyperparameters(get_method("stepwise_dpo"), {"steps": "3"})["steps"] == 3
-    assert resolve_hyperparameters(get_method("stepwise_dpo"), {"steps": 4.0})["steps"] == 4
+    assert resolve_hyperparameters(get_method("stepwise_dpo"), {"chunks": "3"})["chunks"] == 3
+    assert resolve_hyperparameters(get_method("stepwise_dpo"), {"chunks": 4.0})["chunks"] == 4
     odpo = resolve_hyperparameters(get_method("odpo"), {"form": "Ratio", "kl-coef": 1})
     assert odpo["form"] == "ratio" and odpo["kl_coef"] == 1.0
     assert isinstance(odpo["kl_coef"], float)
@@ -310,8 +310,8 @@ BAD_VALUES = [
     ("dpo", "beta", None, r"beta must be"),
     ("ipo", "tau", "0", r"tau must be > 0"),
     ("ipo", "average", "maybe", r"average must be bool"),
-    ("stepwise_dpo", "steps", "2.5", r"steps must be int >= 1"),
-    ("stepwise_dpo", "steps", 0, r"steps must be >= 1"),
+    ("stepwise_dpo", "chunks", "2.5", r"chunks must be int >= 1"),
+    ("stepwise_dpo", "chunks", 0, r"chunks must be >= 1"),
     ("odpo", "form", "sum", r"form must be one of 'difference', 'ratio'"),
     ("odpo", "kl_coef", -1, r"kl_coef must be >= 0"),
     ("slic", "target", "rejected", r"target must be one of"),
@@ -340,13 +340,21 @@ def test_spec_fields():
         assert METHODS[name].reference == "online" and METHODS[name].token_kl
     assert METHODS["odpo"].scores
     assert [name for name, spec in METHODS.items() if spec.scores] == ["odpo"]
-    assert METHODS["kto"].data == "unpaired" and METHODS["kto"].procedure == "kto_baseline"
-    assert METHODS["spin"].data == "sft" and METHODS["spin"].procedure == "spin"
+    assert METHODS["kto"].data == "unpaired" and METHODS["kto"].step == "kto"
+    assert METHODS["spin"].data == "sft" and METHODS["spin"].recipe == "spin"
+    assert METHODS["spin"].step == "pairwise" and METHODS["spin"].stage_count == "iterations"
     assert METHODS["segment_dpo"].data == "multiturn_pairs"
-    assert METHODS["segment_dpo"].procedure == "segment"
+    assert METHODS["segment_dpo"].step == "segment"
     assert METHODS["stepwise_dpo"].data == "pairs"
-    assert METHODS["stepwise_dpo"].procedure == "stepwise"
-    assert METHODS["dpo"].procedure is None
+    assert METHODS["stepwise_dpo"].recipe == "stepwise"
+    assert METHODS["stepwise_dpo"].stage_count == "chunks"
+    assert METHODS["slic"].step == "slic"
+    assert METHODS["dpo"].recipe is None and METHODS["dpo"].step == "pairwise"
+    assert METHODS["dpo"].stage_count is None
+    # A method variant is bound in the table: no loss receives a method name.
+    assert METHODS["tdpo1"].loss.func is tdpo_loss
+    assert METHODS["tdpo1"].loss.keywords == {"variant": "tdpo1"}
+    assert METHODS["tdpo2"].loss.keywords == {"variant": "tdpo2"}
     for spec in METHODS.values():
         assert spec.reference in ("none", "logps", "online")
         assert all(isinstance(hp, Hyperparameter) for hp in spec.hyperparameters.values())

@@ -10,16 +10,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import TrainConfig
 from dpokit.data import DataConfig, DataError
 from dpokit.data.multiturn import SegmentCollator, SessionEncoder, prepare_segments, segment_of
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.logprobs import CompletionScorer, full_logits_logps
 from dpokit.losses import get_method
 from dpokit.metrics import read_metrics
-from dpokit.procedures import StepContext, pairwise_step
 from dpokit.reference import FrozenReference
+from dpokit.steps import StepContext, pairwise_batch_loss
 from dpokit.tiny import build_tiny_model
 from helpers import make_config
 
@@ -179,7 +180,7 @@ def segment_step(policy, reference, rows, tokenizer, collator=SegmentCollator):
         reference=FrozenReference(CompletionScorer(reference)),
     )
     with torch.no_grad():
-        return pairwise_step(context, batch), batch
+        return pairwise_batch_loss(context, batch), batch
 
 
 def test_a_shared_earlier_turn_leaves_the_loss_unchanged(tiny_tokenizer):

@@ -15,8 +15,9 @@ from dpokit.data import DataConfig, DataError
 from dpokit.data.sft import SFTCollator, prepare_sft
 from dpokit.evaluation import completion_logps
 from dpokit.logprobs import CompletionScorer, full_logits_logps
-from dpokit.procedures import StepContext
-from dpokit.procedures.sft import SFT_PROCEDURE, SFT_SPEC, run_sft, sft_step
+from dpokit.recipes.sft import run_sft
+from dpokit.steps import StepContext
+from dpokit.steps.sft import SFT_SPEC, SFT_STEP, sft_batch_loss
 
 ROWS = [
     {"prompt": "Do you like apples?", "completion": " yes, I like apples."},
@@ -173,7 +174,7 @@ def test_sft_step_is_the_token_mean_nll(tiny_model, tiny_tokenizer):
     context = StepContext(
         spec=SFT_SPEC, hyperparameters={}, policy=CompletionScorer(tiny_model), reference=None
     )
-    out = sft_step(context, batch)
+    out = sft_batch_loss(context, batch)
     with torch.no_grad():
         naive = full_logits_logps(
             tiny_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
@@ -229,10 +230,14 @@ def test_sft_lowers_the_nll_of_its_data(tiny_dir, tiny_tokenizer, tmp_path):
 
 def test_sft_procedure_is_not_a_preference_method():
     from dpokit.losses import METHODS
-    from dpokit.procedures import PROCEDURES
+    from dpokit.steps import STEPS
 
     assert SFT_SPEC.name not in METHODS and SFT_SPEC.reference == "none"
-    assert SFT_PROCEDURE.prepare is prepare_sft and SFT_PROCEDURE not in PROCEDURES.values()
+    # SFT is a step the SFT spec names; no method of the table does (SPIN's rows are SFT data,
+    # but its rounds train pairs).
+    assert SFT_STEP.prepare is prepare_sft and STEPS[SFT_SPEC.step] is SFT_STEP
+    assert all(spec.step != SFT_SPEC.step for spec in METHODS.values())
+    assert METHODS["spin"].step == "pairwise"
 
 
 def test_cli_sft_trains_and_refuses_method_hyperparameters(tiny_dir, tmp_path, capsys):

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit import train
 from dpokit.config import TrainConfig
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.generation import generate_completions
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import LossInputs, get_method, odpo_loss, odpo_offsets, slic_loss
-from dpokit.procedures import slic as slic_procedure
+from dpokit.steps import slic as slic_step
 from helpers import make_config as engine_config
 
 
@@ -98,7 +99,7 @@ def test_odpo_kl_term_in_the_training_step(tiny_dir, other_model_dir, pairs_file
     trainer = Trainer(config)
     batch = next(iter(trainer.train_loader))
     with torch.no_grad():
-        out = trainer.procedure.step(trainer._context("train"), batch)
+        out = trainer.procedure.batch_loss(trainer._context("train"), batch)
     rows = [trainer.train_data.dataset[i] for i in batch["index"].tolist()]
     policy = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
     reference = AutoModelForCausalLM.from_pretrained(str(other_model_dir))
@@ -135,7 +136,7 @@ def test_slic_reference_samples_and_loss_equal_a_direct_computation(tiny_dir, pa
     n = batch["index"].shape[0]
     assert batch["input_ids"].shape[0] == 3 * n  # chosen, rejected, target rows
     with torch.no_grad():
-        out = trainer.procedure.step(trainer._context("train"), batch)
+        out = trainer.procedure.batch_loss(trainer._context("train"), batch)
     rows = [dataset[i] for i in batch["index"].tolist()]
     chosen, rejected, target = (
         completion_logps(model, rows, f"{name}_input_ids")
@@ -162,7 +163,7 @@ def test_slic_samples_are_reused_on_resume_and_redrawn_when_settings_change(
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled again")
 
-    monkeypatch.setattr(slic_procedure, "draw_samples", no_sampling)
+    monkeypatch.setattr(slic_step, "draw_samples", no_sampling)
     resumed = train(
         make_config(tiny_dir, pairs_file, tmp_path, resume=True, **{**SAMPLED, "max_steps": 3})
     )

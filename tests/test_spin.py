@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
-from dpokit.procedures import PROCEDURES
 from dpokit.reference import FrozenReference
+from dpokit.steps import STEPS
 from helpers import run_config
 
 LN2 = math.log(2)
@@ -134,7 +135,7 @@ def test_each_iteration_starts_at_ln2_against_the_model_it_starts_from(tiny_dir,
     # final weights (which differ from the starting model's).
     iter0 = weights(out / "iter-0" / "final")
     assert not torch.equal(iter0["lm_head.weight"], weights(tiny_dir)["lm_head.weight"])
-    spin, pairs = get_method("spin"), PROCEDURES["pairs"]
+    spin, pairs = get_method("spin"), STEPS["pairwise"]
     saved = out / "iter-1" / "config.yaml"
     probe = TrainConfig.load(saved, reference_mode="model", output_dir=str(out / "probe"))
     frozen = Trainer(probe, spec=spin, procedure=pairs).references["train"]

@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.logprobs import CompletionScorer
-from dpokit.procedures.stepwise import plan_steps
+from dpokit.recipes.stepwise import plan_chunks
 from dpokit.reference import FrozenReference
 from helpers import run_config
 
@@ -27,7 +28,10 @@ LN2 = math.log(2)
 WORDS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
 
 
-def write_pairs(path, rows: int = 16, steps: list | None = None, seed: int = 0) -> str:
+def write_pairs(
+    path, rows: int = 16, steps: list | None = None, seed: int = 0, column: str = "step"
+) -> str:
+    """Pairs; with ``steps``, each row's chunk in ``column`` (``step``: the alias of ``chunk``)."""
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for i in range(rows):
@@ -38,7 +42,7 @@ def write_pairs(path, rows: int = 16, steps: list | None = None, seed: int = 0) 
                 "rejected": f" no, I do not like {topic}!",
             }
             if steps is not None:
-                row["step"] = steps[i]
+                row[column] = steps[i]
             handle.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -86,7 +90,7 @@ def two_steps(tiny_dir, tmp_path_factory):
 def test_one_step_is_plain_dpo(tiny_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     dpo = train(make_config(tiny_dir, data, tmp_path / "dpo", method="dpo", max_steps=4))
-    sdpo = train(make_config(tiny_dir, data, tmp_path / "sdpo", steps=1, max_steps=4))
+    sdpo = train(make_config(tiny_dir, data, tmp_path / "sdpo", chunks=1, max_steps=4))
     train_losses = [
         [r["loss"] for r in res.history if r["split"] == "train"] for res in (dpo, sdpo)
     ]
@@ -100,15 +104,15 @@ def test_each_step_starts_from_and_is_referenced_by_the_previous_model(tiny_dir,
     config, result = two_steps
     out = result.output_dir
     assert result.global_step == 4
-    assert first_losses(result.history) == pytest.approx({"step-1": LN2, "step-2": LN2}, abs=1e-5)
+    assert first_losses(result.history) == pytest.approx({"chunk-1": LN2, "chunk-2": LN2}, abs=1e-5)
 
-    step1, step2 = weights(out / "step-1" / "final"), weights(out / "step-2" / "final")
+    step1, step2 = weights(out / "chunk-1" / "final"), weights(out / "chunk-2" / "final")
     start = weights(tiny_dir)
     assert not torch.equal(step1["lm_head.weight"], start["lm_head.weight"])  # step 1 trained
     assert_same_weights(weights(out / "final"), step2)
 
     # The config step 2 ran with, rebuilt with a frozen-model reference: exactly step 1's weights.
-    step2_config = out / "step-2" / "config.yaml"
+    step2_config = out / "chunk-2" / "config.yaml"
     probe = TrainConfig.load(step2_config, reference_mode="model", output_dir=str(out / "probe"))
     frozen = Trainer(probe).references["train"]
     assert_same_weights(dict(frozen.scorer.model.state_dict()), step1)
@@ -129,14 +133,14 @@ def test_data_chunks_and_merged_metrics(two_steps):
     config, result = two_steps
     out = result.output_dir
     source = read_jsonl(config.data)
-    chunks = [read_jsonl(out / f"step-{t}" / "data.jsonl") for t in (1, 2)]
+    chunks = [read_jsonl(out / f"chunk-{t}" / "data.jsonl") for t in (1, 2)]
     assert chunks == [source[:8], source[8:]]
     merged = read_jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["stage_step"], r["step"]) for r in merged] == [
-        ("step-1", 1, 1),
-        ("step-1", 2, 2),
-        ("step-2", 1, 3),
-        ("step-2", 2, 4),
+        ("chunk-1", 1, 1),
+        ("chunk-1", 2, 2),
+        ("chunk-2", 1, 3),
+        ("chunk-2", 2, 4),
     ]
 
 
@@ -145,34 +149,35 @@ def test_resume_inside_a_step_matches_the_uninterrupted_run(two_steps, tmp_path)
     copy = tmp_path / "run"
     shutil.copytree(result.output_dir, copy)
     # Killed after step 2's first optimizer step: no marker, no final, only checkpoint step-1.
-    for path in ("step-2/stage.json", "step-2/final", "step-2/checkpoints/step-2", "final"):
+    for path in ("chunk-2/stage.json", "chunk-2/final", "chunk-2/checkpoints/step-2", "final"):
         target = copy / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    step1_mtime = (copy / "step-1" / "final" / "model.safetensors").stat().st_mtime_ns
+    step1_mtime = (copy / "chunk-1" / "final" / "model.safetensors").stat().st_mtime_ns
     values = {**config.to_dict(), "output_dir": str(copy), "resume": True}
-    with pytest.raises(ConfigError, match="steps.json was made for other data or other steps"):
-        train(TrainConfig.from_dict({**values, "steps": 3}))
+    with pytest.raises(ConfigError, match="chunks.json was made for other data or other chunks"):
+        train(TrainConfig.from_dict({**values, "chunks": 3}))
     resumed = train(TrainConfig.from_dict(values))
-    assert [(r["stage"], r["step"]) for r in resumed.history] == [("step-2", 2)]
+    assert [(r["stage"], r["step"]) for r in resumed.history] == [("chunk-2", 2)]
     assert resumed.global_step == 4
     logged = [r["step"] for r in read_jsonl(copy / "metrics.jsonl")]
     assert logged == [1, 2, 3, 4]
-    assert (copy / "step-1" / "final" / "model.safetensors").stat().st_mtime_ns == step1_mtime
+    assert (copy / "chunk-1" / "final" / "model.safetensors").stat().st_mtime_ns == step1_mtime
     assert_same_weights(weights(resumed.final_dir), weights(result.final_dir), atol=1e-6)
 
 
-def test_step_column_defines_the_steps(tiny_dir, tmp_path):
+@pytest.mark.parametrize("column", ["chunk", "step"])
+def test_step_column_defines_the_steps(tiny_dir, tmp_path, column):
     labels = [7, 0, 2, 7, 0, 2, 2, 0, 7, 0, 2, 7]
-    data = write_pairs(tmp_path / "pairs.jsonl", rows=len(labels), steps=labels)
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=len(labels), steps=labels, column=column)
     result = train(make_config(tiny_dir, data, tmp_path / "run", max_steps=1))
-    assert [r["stage"] for r in result.history] == ["step-1", "step-2", "step-3"]
+    assert [r["stage"] for r in result.history] == ["chunk-1", "chunk-2", "chunk-3"]
     assert first_losses(result.history) == pytest.approx(
-        {"step-1": LN2, "step-2": LN2, "step-3": LN2}, abs=1e-5
+        {"chunk-1": LN2, "chunk-2": LN2, "chunk-3": LN2}, abs=1e-5
     )
     source = read_jsonl(data)
     for t, label in enumerate((0, 2, 7), start=1):
-        rows = read_jsonl(tmp_path / "run" / f"step-{t}" / "data.jsonl")
-        assert rows == [row for row in source if row["step"] == label]
+        rows = read_jsonl(tmp_path / "run" / f"chunk-{t}" / "data.jsonl")
+        assert rows == [row for row in source if row[column] == label]
 
 
 def sequence_logp(model, tokenizer, prompt: str, completion: str) -> float:
@@ -190,8 +195,8 @@ def sequence_logp(model, tokenizer, prompt: str, completion: str) -> float:
 
 def test_easy_to_hard_orders_by_the_starting_models_margin(tiny_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=10, seed=3)
-    config = make_config(tiny_dir, data, tmp_path / "run", steps=2, order="easy_to_hard")
-    plan = plan_steps(config)
+    config = make_config(tiny_dir, data, tmp_path / "run", chunks=2, order="easy_to_hard")
+    plan = plan_chunks(config)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
     rows = read_jsonl(data)
@@ -216,10 +221,10 @@ def test_bad_step_values_and_contradicting_settings_are_clear_errors(tiny_dir, t
     data = write_pairs(tmp_path / "steps.jsonl", rows=4, steps=[1, 1, 2, 2])
     with pytest.raises(ConfigError, match="has a 'step' column.*order=easy_to_hard"):
         train(make_config(tiny_dir, data, tmp_path / "b", order="easy_to_hard"))
-    with pytest.raises(ConfigError, match="steps=5 but .* only 4 rows"):
+    with pytest.raises(ConfigError, match="chunks=5 but .* only 4 rows"):
         train(
             make_config(
-                tiny_dir, write_pairs(tmp_path / "c.jsonl", rows=4), tmp_path / "c", steps=5
+                tiny_dir, write_pairs(tmp_path / "c.jsonl", rows=4), tmp_path / "c", chunks=5
             )
         )
     with pytest.raises(ConfigError, match="drop reference="):
@@ -230,14 +235,14 @@ def test_stepwise_through_the_cli(tiny_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=8)
     out = tmp_path / "run"
     argv = ["train", "--method", "stepwise_dpo", "--model", str(tiny_dir), "--data", data]
-    argv += ["--output-dir", str(out), "steps=2", "max_steps=1", "batch_size=4", "beta=0.2"]
+    argv += ["--output-dir", str(out), "chunks=2", "max_steps=1", "batch_size=4", "beta=0.2"]
     assert main(argv + ["progress=false", "max_length=64", "max_prompt_length=32"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert (out / "final" / "model.safetensors").exists()
-    assert "beta: 0.2" in (out / "step-2" / "config.yaml").read_text()
+    assert "beta: 0.2" in (out / "chunk-2" / "config.yaml").read_text()
     assert [r["stage"] for r in read_jsonl(out / "metrics.jsonl")] == [
-        "step-1",
-        "step-2",
+        "chunk-1",
+        "chunk-2",
     ]
 
 
@@ -246,10 +251,10 @@ def test_lora_steps_chain_through_merged_weights(tiny_dir, tmp_path):
     config = make_config(tiny_dir, data, tmp_path / "run", lora=True, lora_r=4, max_steps=1)
     result = train(config)
     out = result.output_dir
-    assert first_losses(result.history) == pytest.approx({"step-1": LN2, "step-2": LN2}, abs=1e-5)
-    step2 = TrainConfig.load(out / "step-2" / "config.yaml")
-    assert step2.model == str(out / "step-1" / "final-merged") and step2.lora
-    merged = weights(out / "step-2" / "final-merged")
+    assert first_losses(result.history) == pytest.approx({"chunk-1": LN2, "chunk-2": LN2}, abs=1e-5)
+    step2 = TrainConfig.load(out / "chunk-2" / "config.yaml")
+    assert step2.model == str(out / "chunk-1" / "final-merged") and step2.lora
+    merged = weights(out / "chunk-2" / "final-merged")
     assert_same_weights(weights(out / "final"), merged)
-    before = weights(out / "step-1" / "final-merged")
+    before = weights(out / "chunk-1" / "final-merged")
     assert any(not torch.equal(merged[name], before[name]) for name in merged)  # step 2 trained

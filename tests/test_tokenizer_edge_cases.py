@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit import train
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError
-from dpokit.engine import Trainer, train
+from dpokit.engine import Trainer
 from dpokit.tiny import CHAT_TEMPLATE, build_tiny_model
 
 PAIRS = [

@@ -1,7 +1,8 @@
 """dpokit: the DPO family of preference-optimization methods, correct, fast, and in one place.
 
 ``dpokit.losses`` holds the losses (pure functions) and the method table; ``dpokit.train(config)``
-runs the engine. Heavy modules load on first use so ``import dpokit`` stays cheap.
+trains (:func:`dpokit.recipes.run`). Heavy modules load on first use so ``import dpokit`` stays
+cheap.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ __version__ = "0.1.0"
 
 
 def train(config):
-    """Train with a :class:`dpokit.config.TrainConfig` (or a dict of its keys)."""
+    """Train with a :class:`dpokit.config.TrainConfig` (or a dict of its keys); returns the
+    :class:`~dpokit.engine.TrainResult`. Raises ``ConfigError`` for bad settings."""
     from dpokit.config import TrainConfig
-    from dpokit.engine import train as run
+    from dpokit.recipes import run
 
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)

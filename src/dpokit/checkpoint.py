@@ -6,12 +6,15 @@ ignores it (with a message) and takes the newest complete checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from dpokit.modeling import is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
+    """``output_dir/checkpoints``."""
     return Path(output_dir) / "checkpoints"
 
 
@@ -48,6 +52,7 @@ def save_checkpoint(
 
 
 def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints under ``root``."""
     for old in complete_checkpoints(root)[:-keep]:
         remove(old)
 
@@ -75,9 +80,43 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``output_dir``, or None."""
     complete = complete_checkpoints(checkpoint_root(output_dir))
     return complete[-1] if complete else None
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The loop position (step, epoch, batches done) saved with ``checkpoint``."""
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def save_final_model(
+    accelerator, policy, tokenizer, output_dir: str | Path, merge_lora: bool
+) -> Path:
+    """Save the trained model to ``output_dir/final`` with ``save_pretrained`` (LoRA: the adapters;
+    with ``merge_lora`` also the merged weights in ``output_dir/final-merged``) and the tokenizer.
+
+    ``policy`` is the prepared :class:`~dpokit.logprobs.CompletionScorer` (its ``.model`` is
+    saved). Collective: every process must call it. Returns the ``final`` directory.
+    """
+    final_dir = Path(output_dir) / "final"
+    is_main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(policy).model
+    state_dict = accelerator.get_state_dict(policy)
+    if state_dict is not None:
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if is_peft_model(model):
+        state_dict = None  # peft picks the adapter weights itself
+    model.save_pretrained(
+        final_dir, is_main_process=is_main, state_dict=state_dict, save_function=accelerator.save
+    )
+    if is_main:
+        tokenizer.save_pretrained(final_dir)
+        if is_peft_model(model) and merge_lora:
+            merged_dir = Path(output_dir) / "final-merged"
+            # merge a copy: merging in place would strip the adapter from the live policy
+            copy.deepcopy(model).merge_and_unload().save_pretrained(merged_dir)
+            tokenizer.save_pretrained(merged_dir)
+    accelerator.wait_for_everyone()
+    return final_dir

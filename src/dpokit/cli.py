@@ -42,14 +42,14 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from dpokit.engine import train
+    from dpokit.recipes import run
 
     keys = ("method", "model", "data", "reference", "eval_data", "output_dir", "chat_template")
     values = {k: getattr(args, k) for k in (*keys, "resume")}
     config = TrainConfig.load(args.config, args.overrides, **values)
     if not config.model or not config.data:
         raise ConfigError("`dpokit train` needs --model and --data (or model:/data: in --config)")
-    result = train(config)
+    result = run(config)
     print(f"trained {result.global_step} steps; model saved to {result.final_dir}")
     print(
         f"metrics: {result.output_dir / 'metrics.jsonl'} "
@@ -94,7 +94,7 @@ def _sft_parser(sub) -> None:
 
 def _run_sft(args) -> int:
     from dpokit.losses import get_method
-    from dpokit.procedures.sft import run_sft
+    from dpokit.recipes.sft import run_sft
 
     method_keys = set(get_method(TrainConfig.method).hyperparameters)
     given = {item.partition("=")[0].strip().replace("-", "_") for item in args.overrides}
@@ -198,7 +198,8 @@ def _demo_parser(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from dpokit.demo.demo import demo_config, run_demo
+    from dpokit.demo.demo import run_demo
+    from dpokit.demo.settings import demo_config
 
     config = demo_config(args.overrides, method=args.method, seed=args.seed, work_dir=args.work_dir)
     summary = run_demo(config)
@@ -237,7 +238,7 @@ def _arena_parser(sub) -> None:
 
 def _run_arena(args) -> int:
     from dpokit.demo.arena import ArenaConfig, run_arena
-    from dpokit.demo.demo import demo_config
+    from dpokit.demo.settings import demo_config
 
     base = demo_config(args.overrides, work_dir=args.work_dir)
     config = ArenaConfig(
@@ -257,6 +258,7 @@ def _run_arena(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dpokit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="dpokit", description="Preference optimization: the DPO family, in one place."
     )
@@ -286,6 +288,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``dpokit`` command; returns the exit status (2 for a configuration or data
+    error, printed without a traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

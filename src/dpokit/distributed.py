@@ -25,6 +25,8 @@ import logging
 import os
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 
 from dpokit.config import ConfigError
 
@@ -48,7 +50,7 @@ def cpu_only_multiprocess() -> bool:
 
 def init_processes():
     """The process state, set up once per process before anything else asks for it: the first
-    ``PartialState()`` (a driver's, the Trainer's Accelerator) decides the backend for good."""
+    ``PartialState()`` (a recipe's, the Trainer's Accelerator) decides the backend for good."""
     from accelerate import PartialState
 
     return PartialState(cpu=cpu_only_multiprocess())
@@ -105,6 +107,7 @@ def refuse_other_reference(sharding: str | None, reference: str) -> None:
 
 
 def log_sharded_plan(sharding: str | None, reference_mode: str) -> None:
+    """Say (once, as a warning) which paths a run with sharded parameters takes."""
     if sharding is None:
         return
     logger.warning(
@@ -112,4 +115,23 @@ def log_sharded_plan(sharding: str | None, reference_mode: str) -> None:
         "for the completion positions only) so that the LM head weight is gathered; reference: %s",
         SHARDING_NAMES[sharding],
         reference_mode,
+    )
+
+
+def build_accelerator(config) -> Accelerator:
+    """The run's ``Accelerator`` from its :class:`~dpokit.config.TrainConfig`: mixed precision
+    (``auto``: bf16 on a GPU that has it, else none), gradient accumulation, trackers, and a
+    seedable sampler so data order follows ``config.seed`` on every process."""
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        mixed_precision = "bf16" if bf16_ok else "no"  # CPU bf16 is far slower than fp32
+    trackers = None if config.report_to == "none" else config.report_to
+    return Accelerator(
+        cpu=cpu_only_multiprocess(),  # torchrun on a CPU-only machine: gloo, not 1-process runs
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers,
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )

@@ -1,28 +1,27 @@
 """The training loop: a model, a tokenizer and a dataset in; trained weights, metrics out.
 
-``train(config)`` reads top to bottom: accelerator -> data -> policy -> reference -> optimizer ->
+:class:`Trainer` reads top to bottom: accelerator -> data -> policy -> reference -> optimizer ->
 (resume) -> loop { micro-batches -> loss -> backward -> clip -> step -> log / eval / checkpoint }
 -> save. The method enters only through its table entry (:data:`dpokit.losses.METHODS`) and the
-procedure for its kind of data (:data:`dpokit.procedures.PROCEDURES`).
+per-batch step it names (:data:`dpokit.steps.STEPS`). The engine runs ONE training run; methods
+that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recipes`), and
+:func:`dpokit.recipes.run` is the entry point that picks between the two.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, get_scheduler
+from transformers import AutoConfig
 
 from dpokit import checkpoint as ckpt
 from dpokit.config import ConfigError, TrainConfig
@@ -33,125 +32,46 @@ from dpokit.data.packing import (
     padding_fraction,
     row_lengths,
 )
-from dpokit.distributed import (
-    cpu_only_multiprocess,
-    init_processes,
-    log_sharded_plan,
-    no_split_modules,
-    parameter_sharding,
-    refuse_other_reference,
-    refuse_separate_reference,
+from dpokit.distributed import build_accelerator, parameter_sharding
+from dpokit.faults import (
+    OUT_OF_MEMORY_ERRORS,
+    NonFiniteLossError,
+    OutOfMemoryError,
+    all_finite,
+    oom_message,
 )
-from dpokit.logprobs import CompletionScorer
-from dpokit.losses import get_method
+from dpokit.losses import MethodSpec, get_method
 from dpokit.metrics import MetricAverager, MetricsWriter
 from dpokit.modeling import (
-    apply_lora,
+    build_policy,
     check_positions,
-    is_peft_model,
-    load_model,
     load_tokenizer,
     longest_sequence,
     resolve_dtype,
 )
-from dpokit.procedures import DRIVERS, StepContext, procedure_for
-from dpokit.reference import (
-    AdapterOffReference,
-    CacheKey,
-    FrozenReference,
-    StartingPolicyReference,
-    compute_reference_logps,
-    default_cache_dir,
-    load_cached,
-    model_identity,
-    save_cached,
-)
+from dpokit.optim import build_optimizer, build_scheduler, count_steps
+from dpokit.reference import ReferenceBuilder, choose_reference_mode
+from dpokit.steps import Procedure, StepContext, procedure_for
 
 logger = logging.getLogger("dpokit")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient turned NaN/inf; the message names the step and the batch rows."""
-
-
-class OutOfMemoryError(RuntimeError):
-    """The device ran out of memory in a training step; the message says what to change."""
-
-
-# torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError is its alias there.
-OUT_OF_MEMORY_ERRORS = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
-)
-
-
-def oom_message(config: TrainConfig, step: int, batch: dict, reference_mode: str) -> str:
-    """What ran out of memory (batch shape) and the settings that need less, cheapest first."""
-    rows, length = batch["input_ids"].shape  # (rows in the forward, padded length)
-    lines = [
-        f"out of memory at step {step}: a micro-batch of {rows} rows x {length} tokens "
-        f"(batch_size={config.batch_size} per process, max_length={config.max_length}). "
-        "What needs less memory:",
-    ]
-    if config.batch_size > 1:
-        half = config.batch_size // 2
-        accumulation = config.gradient_accumulation_steps * config.batch_size // half
-        lines.append(
-            f"  - batch_size={half} gradient_accumulation_steps={accumulation} "
-            "(about the same batch per optimizer step)"
-        )
-    if not config.gradient_checkpointing:
-        lines.append("  - gradient_checkpointing=true (recompute activations in backward)")
-    if reference_mode == "model":
-        lines.append(
-            "  - reference_mode=precomputed (no reference model in memory; sequence-level "
-            "methods) or lora=true (the reference is the policy with its adapter off)"
-        )
-    if not config.lora:
-        lines.append("  - lora=true (train adapters only: no full optimizer state)")
-    lines.append(
-        f"  - a smaller max_length (now {config.max_length}) or logps_chunk_size "
-        f"(now {config.logps_chunk_size}), or mixed_precision=bf16"
-    )
-    return "\n".join(lines)
-
-
 @dataclass
 class TrainResult:
+    """What a run (or a recipe's chain of runs) returns.
+
+    Attributes:
+        output_dir: the run directory; final_dir: the saved model (``output_dir/final``).
+        global_step: optimizer steps taken (all stages of a recipe, skipped ones included).
+        history: the train/eval records of ``metrics.jsonl`` this call produced.
+        skipped_batches: non-finite batches skipped (``nonfinite=skip``).
+    """
+
     output_dir: Path
     final_dir: Path
     global_step: int
     history: list[dict] = field(default_factory=list)
     skipped_batches: int = 0
-
-
-def build_accelerator(config: TrainConfig) -> Accelerator:
-    mixed_precision = config.mixed_precision
-    if mixed_precision == "auto":
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        mixed_precision = "bf16" if bf16_ok else "no"  # CPU bf16 is far slower than fp32
-    trackers = None if config.report_to == "none" else config.report_to
-    return Accelerator(
-        cpu=cpu_only_multiprocess(),  # torchrun on a CPU-only machine: gloo, not 1-process runs
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers,
-        project_dir=config.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
-
-
-def data_config(config: TrainConfig, require_scores: bool) -> DataConfig:
-    chat_template = Path(config.chat_template).read_text() if config.chat_template else None
-    return DataConfig(
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-        truncation=config.truncation,
-        identical_pairs=config.identical_pairs,
-        bad_scores=config.bad_scores,
-        require_scores=require_scores,
-        num_proc=config.num_proc,
-        chat_template=chat_template,
-    )
 
 
 def resolve_packing(config: TrainConfig, spec, procedure) -> str:
@@ -167,24 +87,36 @@ def resolve_packing(config: TrainConfig, spec, procedure) -> str:
     return config.packing
 
 
-def choose_reference_mode(config: TrainConfig, spec) -> str:
-    """``auto``: none if the method needs none; online (adapter-off with LoRA, else a frozen
-    copy) for token-level methods; otherwise pre-computed and cached."""
-    if spec.reference == "none":
-        return "none"
-    if config.reference_mode != "auto":
-        return config.reference_mode
-    if spec.reference == "online":
-        return "adapter" if config.lora and config.reference is None else "model"
-    return "precomputed"
+@dataclass
+class LoopState:
+    """Where the loop is: optimizer steps taken, epoch, batches of the epoch consumed, and what
+    has been gathered since the last logged step (metrics, tokens, start time)."""
+
+    step: int
+    epoch: int
+    batches_done: int
+    averager: MetricAverager = field(default_factory=MetricAverager)
+    tokens: int = 0
+    tick: float = field(default_factory=time.perf_counter)
+    history: list[dict] = field(default_factory=list)
 
 
 class Trainer:
     """Holds the pieces of one run; :meth:`train` is the loop."""
 
-    def __init__(self, config: TrainConfig, spec=None, procedure=None):
-        """``spec``/``procedure`` override the method table's entry: drivers and ``dpokit sft``
-        run the same loop with another loss or another kind of data."""
+    def __init__(
+        self,
+        config: TrainConfig,
+        spec: MethodSpec | None = None,
+        procedure: Procedure | None = None,
+    ):
+        """Load everything a run needs: data, policy, optimizer, reference.
+
+        ``spec`` overrides the method table's entry for ``config.method`` (``dpokit sft`` runs
+        the same loop with the SFT spec), ``procedure`` the per-batch step the spec names.
+        Raises ``ValueError`` without ``model`` or ``data``, :class:`~dpokit.config.ConfigError`
+        for settings the method cannot run, :class:`~dpokit.data.DataError` for bad rows.
+        """
         if not config.model or not config.data:
             raise ValueError("a run needs both `model` and `data`")
         self.config = config
@@ -210,26 +142,7 @@ class Trainer:
         for name in {config.model, config.reference or config.model}:
             check_positions(name, config.max_length, longest)  # model config only, no weights
         self.dtype = resolve_dtype(config.dtype)
-        model = load_model(config.model, self.dtype, config.gradient_checkpointing)
-        if config.lora:
-            model = apply_lora(
-                model,
-                config.lora_r,
-                config.lora_alpha,
-                config.lora_dropout,
-                config.lora_target_modules,
-            )
-        # Sharded parameters are whole only inside their module's forward: score through the
-        # full model (the exact path) rather than reading the LM head weight (dpokit.distributed).
-        fast = False if self.sharding else None
-        self.policy = CompletionScorer(
-            model,
-            chunk_size=config.logps_chunk_size,
-            fast=fast,
-            saved_softmax_mb=config.logps_saved_softmax_mb,
-        )
-        if self.sharding == "fsdp":  # accelerate's auto-wrap reads the layer classes off it
-            self.policy._no_split_modules = no_split_modules(model)
+        self.policy = build_policy(config, self.dtype, self.sharding)
         if self.procedure.setup is not None:
             self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
         self._build_optimizer()
@@ -239,7 +152,7 @@ class Trainer:
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
         config = self.config
-        settings = data_config(config, require_scores=self.spec.scores)
+        settings = DataConfig.from_train_config(config, require_scores=self.spec.scores)
         with self.accelerator.main_process_first():
             train = self.procedure.prepare(config.data, self.tokenizer, settings, config.data_split)
             evaluation = None
@@ -279,121 +192,31 @@ class Trainer:
     # ---- reference ------------------------------------------------------------------------------
     def _build_references(self) -> dict[str, object | None]:
         """One reference per split (pre-computed tables are indexed by the split's rows)."""
-        mode = choose_reference_mode(self.config, self.spec)
-        self.reference_mode = mode
-        logger.info("method %s: reference mode %s", self.spec.name, mode)
-        log_sharded_plan(self.sharding, mode)
-        if mode == "none":
-            return {"train": None, "eval": None}
-        if mode == "adapter":
-            reference = AdapterOffReference(*self._policy_runner())
-            return {"train": reference, "eval": reference}
-        if mode == "model":
-            refuse_separate_reference(self.sharding)
-            reference = self._frozen_reference()
-            return {"train": reference, "eval": reference}
+        self.reference_mode = choose_reference_mode(self.config, self.spec)
+        logger.info("method %s: reference mode %s", self.spec.name, self.reference_mode)
+        builder = ReferenceBuilder(
+            config=self.config,
+            accelerator=self.accelerator,
+            policy=self.policy,
+            sharding=self.sharding,
+            dtype=self.dtype,
+            loader=lambda prepared: self._loader(prepared, shuffle=False),
+        )
         splits = {"train": self.train_data, "eval": self.eval_data}
-        return {
-            name: self._precomputed(data) if data is not None else None
-            for name, data in splits.items()
-        }
-
-    def _frozen_reference(self) -> FrozenReference:
-        name = self.config.reference or self.config.model
-        model = load_model(name, self.dtype)
-        scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
-        return FrozenReference(scorer.to(self.accelerator.device))
-
-    def _policy_runner(self) -> tuple[CompletionScorer, torch.nn.Module]:
-        """(the plain policy scorer, the module to call for reference forwards): the sharded
-        wrapper under FSDP / ZeRO-3 (it gathers the weights), else the plain scorer (no DDP
-        collective in a forward that has no backward)."""
-        scorer = self.accelerator.unwrap_model(self.policy)
-        return scorer, self.policy if self.sharding else scorer
-
-    def _reference_for_precompute(self):
-        """Without ``--reference`` the policy before its first step is the reference: score
-        with it (LoRA: adapter off) instead of loading a second copy of the weights."""
-        if self.config.reference is None:
-            scorer, runner = self._policy_runner()
-            if self.config.lora:
-                return AdapterOffReference(scorer, runner)
-            return StartingPolicyReference(runner)
-        refuse_other_reference(self.sharding, self.config.reference)
-        return self._frozen_reference()
-
-    def _precomputed(self, prepared):
-        config = self.config
-        cache_dir = (
-            Path(config.reference_cache_dir)
-            if config.reference_cache_dir
-            else (default_cache_dir())
-        )
-        key = CacheKey(
-            reference_identity=model_identity(config.reference or config.model),
-            data_fingerprint=prepared.fingerprint,
-            settings=json.dumps(
-                {"dtype": config.dtype, "mixed_precision": self.accelerator.mixed_precision}
-            ),
-        )
-        num_rows = len(prepared.dataset)
-        cached = load_cached(cache_dir, key, num_rows)
-        if cached is not None:
-            logger.info("reference log-probs: cache hit %s", key.digest)
-            return cached
-        logger.info("reference log-probs: computing for %d rows (cache %s)", num_rows, key.digest)
-        reference = self._reference_for_precompute()
-        loader = self.accelerator.prepare_data_loader(self._loader(prepared, shuffle=False))
-        with self.accelerator.autocast():
-            table = compute_reference_logps(
-                reference, loader, num_rows, gather=self.accelerator.gather_for_metrics
-            )
-        logger.info(
-            "reference log-probs: process %d scored %d of %d rows",
-            self.accelerator.process_index,
-            table.local_rows,
-            num_rows,
-        )
-        if self.is_main:
-            save_cached(cache_dir, key, table)
-        self.accelerator.wait_for_everyone()
-        return table
+        return builder.build(self.reference_mode, splits)
 
     # ---- optimizer ------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
-        config = self.config
+        config, acc = self.config, self.accelerator
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        if config.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(
-                params,
-                lr=config.learning_rate,
-                weight_decay=config.weight_decay,
-                betas=(config.adam_beta1, config.adam_beta2),
-                # One kernel over all parameters (CPU and GPU); the default is a Python loop
-                # over parameters on CPU.
-                fused=config.fused_optimizer or None,
-            )
-        else:
-            self.optimizer = torch.optim.RMSprop(
-                params, lr=config.learning_rate, weight_decay=config.weight_decay
-            )
+        self.optimizer = build_optimizer(config, params)
         self.train_loader = self._loader(self.train_data, shuffle=config.shuffle)
-        # Per process after sharding: accelerate gives every process ceil(batches / processes).
-        micro_batches = math.ceil(len(self.train_loader) / self.accelerator.num_processes)
-        self.steps_per_epoch = max(1, math.ceil(micro_batches / config.gradient_accumulation_steps))
-        self.max_steps = config.max_steps or math.ceil(config.num_epochs * self.steps_per_epoch)
-        warmup = config.warmup_steps
-        if warmup is None:
-            warmup = int(config.warmup_ratio * self.max_steps)
-        schedule = (
-            "constant_with_warmup" if config.lr_scheduler == "constant" else (config.lr_scheduler)
+        self.steps_per_epoch, self.max_steps = count_steps(
+            config, len(self.train_loader), acc.num_processes
         )
         # Stepped by hand once per optimizer step (not prepared: accelerate would step it once
         # per process).
-        self.scheduler = get_scheduler(
-            schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps
-        )
-        acc = self.accelerator
+        self.scheduler = build_scheduler(config, self.optimizer, self.max_steps)
         self.policy, self.optimizer, self.train_loader = acc.prepare(
             self.policy, self.optimizer, self.train_loader
         )
@@ -419,6 +242,12 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run the loop to ``max_steps`` optimizer steps (resuming first when configured), evaluate
+        at the end, save the final model; returns the run's :class:`TrainResult`.
+
+        Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient (unless
+        ``nonfinite=skip``) and :class:`OutOfMemoryError` when a micro-batch does not fit.
+        """
         config, acc = self.config, self.accelerator
         writer = MetricsWriter(self.output_dir, enabled=self.is_main)
         # Reseed: setup draws from the RNG only sometimes (a reference-table cache miss iterates
@@ -429,8 +258,6 @@ class Trainer:
         if config.report_to != "none":
             acc.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
         context = self._context("train")
-        averager = MetricAverager()
-        history: list[dict] = []
         self.skipped_batches = 0  # non-finite batches skipped (nonfinite=skip); logged each step
         progress = tqdm(
             total=self.max_steps,
@@ -440,64 +267,83 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.policy.train()
-        tokens, tick = 0, time.perf_counter()
-        while step < self.max_steps:
-            self.train_loader.set_epoch(epoch)
-            loader = (
-                acc.skip_first_batches(self.train_loader, batches_done)
-                if batches_done
-                else (self.train_loader)
-            )
-            for batch in loader:
-                batches_done += 1
-                with acc.accumulate(self.policy), self._explain_oom(step, batch):
-                    out = self.procedure.step(context, batch)
-                    if not self._finite(out.loss):
-                        self.skipped_batches += self._nonfinite(
-                            step, epoch, batches_done, batch, "loss"
-                        )
-                        self.optimizer.zero_grad()
-                        averager.mean(acc)  # drop this step's partial metrics
-                        continue
-                    acc.backward(out.loss)
-                    averager.add(out.metrics)
-                    averager.add({"padding_fraction": padding_fraction(batch)})
-                    tokens += int(batch["attention_mask"].sum())
-                    if not acc.sync_gradients:
-                        continue
-                    grad_norm = self._clip()
-                    if not self._finite(grad_norm):
-                        self.skipped_batches += self._nonfinite(
-                            step, epoch, batches_done, batch, "gradient"
-                        )
-                        self.optimizer.zero_grad()
-                        averager.mean(acc)
-                        continue
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                step += 1
-                progress.update(1)
-                record = self._log(step, averager, grad_norm, tokens, tick, writer, progress)
-                history.append(record)
-                tokens, tick = 0, time.perf_counter()
-                if config.eval_steps and step % config.eval_steps == 0:
-                    history.append(self.evaluate(step, writer))
-                if config.save_steps and step % config.save_steps == 0:
-                    self._save(step, epoch, batches_done)
-                if step >= self.max_steps:
-                    break
-            else:
-                epoch, batches_done = epoch + 1, 0
+        loop = LoopState(step, epoch, batches_done)
+        while loop.step < self.max_steps:
+            self._run_epoch(loop, context, writer, progress)
         progress.close()
         if self.eval_loader is not None and not (
-            config.eval_steps and step % config.eval_steps == 0
+            config.eval_steps and loop.step % config.eval_steps == 0
         ):
-            history.append(self.evaluate(step, writer))
+            loop.history.append(self.evaluate(loop.step, writer))
         final_dir = self.save_final()
         if config.report_to != "none":
             acc.end_training()
-        return TrainResult(self.output_dir, final_dir, step, history, self.skipped_batches)
+        return TrainResult(
+            self.output_dir, final_dir, loop.step, loop.history, self.skipped_batches
+        )
+
+    def _run_epoch(self, loop: LoopState, context: StepContext, writer, progress) -> None:
+        """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` batches), or until
+        ``max_steps``; every completed optimizer step is logged, evaluated and saved as set."""
+        config = self.config
+        self.train_loader.set_epoch(loop.epoch)
+        loader = self.train_loader
+        if loop.batches_done:
+            loader = self.accelerator.skip_first_batches(self.train_loader, loop.batches_done)
+        for batch in loader:
+            loop.batches_done += 1
+            stepped, grad_norm = self._micro_batch(loop, context, batch)
+            if not stepped:
+                continue
+            loop.step += 1
+            progress.update(1)
+            record = self._log(
+                loop.step, loop.averager, grad_norm, loop.tokens, loop.tick, writer, progress
+            )
+            loop.history.append(record)
+            loop.tokens, loop.tick = 0, time.perf_counter()
+            if config.eval_steps and loop.step % config.eval_steps == 0:
+                loop.history.append(self.evaluate(loop.step, writer))
+            if config.save_steps and loop.step % config.save_steps == 0:
+                self._save(loop.step, loop.epoch, loop.batches_done)
+            if loop.step >= self.max_steps:
+                return
+        loop.epoch, loop.batches_done = loop.epoch + 1, 0
+
+    def _micro_batch(
+        self, loop: LoopState, context: StepContext, batch: dict
+    ) -> tuple[bool, torch.Tensor | None]:
+        """Forward and backward one micro-batch; at the end of an accumulation window clip and
+        take the optimizer step. Returns (whether an optimizer step was taken, its grad norm)."""
+        acc = self.accelerator
+        with acc.accumulate(self.policy), self._explain_oom(loop.step, batch):
+            out = self.procedure.batch_loss(context, batch)
+            if not all_finite(out.loss, acc):
+                self._skip_batch(loop, batch, "loss")
+                return False, None
+            acc.backward(out.loss)
+            loop.averager.add(out.metrics)
+            loop.averager.add({"padding_fraction": padding_fraction(batch)})
+            loop.tokens += int(batch["attention_mask"].sum())
+            if not acc.sync_gradients:
+                return False, None
+            grad_norm = self._clip()
+            if not all_finite(grad_norm, acc):
+                self._skip_batch(loop, batch, "gradient")
+                return False, None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return True, grad_norm
+
+    def _skip_batch(self, loop: LoopState, batch: dict, what: str) -> None:
+        """A non-finite ``what``: stop the run (:meth:`_nonfinite` raises) or drop the batch's
+        gradients and the window's partial metrics (``nonfinite=skip``)."""
+        self.skipped_batches += self._nonfinite(
+            loop.step, loop.epoch, loop.batches_done, batch, what
+        )
+        self.optimizer.zero_grad()
+        loop.averager.mean(self.accelerator)  # drop this step's partial metrics
 
     @contextlib.contextmanager
     def _explain_oom(self, step: int, batch: dict):
@@ -508,19 +354,6 @@ class Trainer:
         except OUT_OF_MEMORY_ERRORS as err:
             message = oom_message(self.config, step + 1, batch, self.reference_mode)
             raise OutOfMemoryError(message) from err
-
-    def _finite(self, value: torch.Tensor | None) -> bool:
-        """True on every process only if the value is finite on all of them (None: unknown,
-        e.g. DeepSpeed clips inside its own step)."""
-        if value is None:
-            return True
-        flag = torch.tensor(
-            [float(torch.isfinite(torch.as_tensor(value)).all())], device=self.accelerator.device
-        )
-        if self.accelerator.num_processes > 1:
-            # accelerate's reduce knows only sum and mean: finite everywhere <=> sum == processes
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() == self.accelerator.num_processes)
 
     def _nonfinite(self, step, epoch, batches_done, batch, what) -> int:
         rows = batch["index"].tolist()
@@ -567,7 +400,7 @@ class Trainer:
         self.policy.eval()
         averager = MetricAverager()
         for batch in self.eval_loader:
-            averager.add(self.procedure.step(context, batch).metrics)
+            averager.add(self.procedure.batch_loss(context, batch).metrics)
         self.policy.train()
         record = {"step": step, "split": "eval", **averager.mean(self.accelerator)}
         if writer is not None:
@@ -599,36 +432,8 @@ class Trainer:
         return state["step"], state["epoch"], state["batches_done"]
 
     def save_final(self) -> Path:
-        """``save_pretrained`` output (adapters for LoRA, optionally merged) plus the tokenizer."""
-        acc = self.accelerator
-        final_dir = self.output_dir / "final"
-        acc.wait_for_everyone()
-        model = acc.unwrap_model(self.policy).model
-        state_dict = acc.get_state_dict(self.policy)
-        if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
-        if is_peft_model(model):
-            state_dict = None  # peft picks the adapter weights itself
-        model.save_pretrained(
-            final_dir, is_main_process=self.is_main, state_dict=state_dict, save_function=acc.save
+        """``OUTPUT/final``: ``save_pretrained`` output (adapters for LoRA, optionally merged into
+        ``OUTPUT/final-merged``) plus the tokenizer (:func:`dpokit.checkpoint.save_final_model`)."""
+        return ckpt.save_final_model(
+            self.accelerator, self.policy, self.tokenizer, self.output_dir, self.config.merge_lora
         )
-        if self.is_main:
-            self.tokenizer.save_pretrained(final_dir)
-            if is_peft_model(model) and self.config.merge_lora:
-                merged_dir = self.output_dir / "final-merged"
-                # merge a copy: merging in place would strip the adapter from the live policy
-                copy.deepcopy(model).merge_and_unload().save_pretrained(merged_dir)
-                self.tokenizer.save_pretrained(merged_dir)
-        acc.wait_for_everyone()
-        return final_dir
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.data`` with ``config.method`` (see TrainConfig).
-
-    Methods whose table entry names a driver (SPIN's rounds, stepwise DPO's stages) run through
-    it; every other method is one :class:`Trainer` run.
-    """
-    init_processes()  # before a driver's first PartialState(): it would settle the backend
-    driver = DRIVERS.get(get_method(config.method).procedure or "")
-    return driver(config) if driver is not None else Trainer(config).train()

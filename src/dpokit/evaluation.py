@@ -120,6 +120,7 @@ class Samples:
     rewards: list[float] | None = None
 
     def to_rows(self) -> list[dict]:
+        """One ``{"prompt", "completion"[, "reward"]}`` dict per sample."""
         rows = [
             {"prompt": p, "completion": t} for p, t in zip(self.prompts, self.texts, strict=True)
         ]
@@ -180,10 +181,13 @@ def sample_kl(model, reference, samples: Samples, pad_token_id: int) -> float:
 
 @dataclass
 class EvalResult:
+    """What :func:`evaluate` returns: scalar ``metrics`` and the ``samples`` they came from."""
+
     metrics: dict[str, float] = field(default_factory=dict)
     samples: Samples | None = None
 
     def save(self, out_dir: str | Path) -> None:
+        """``out_dir/metrics.json`` and, with samples, ``out_dir/samples.jsonl``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")

@@ -25,6 +25,7 @@ class MetricAverager:
         self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        """Add one micro-batch's scalars (NaN values are left out of the means)."""
         for name, value in metrics.items():
             value = float(value)
             self.counts[name] += 0  # every process must know every name (collective below)
@@ -54,6 +55,7 @@ class MetricsWriter:
         self.enabled = enabled
 
     def write(self, record: dict) -> None:
+        """Append ``record`` as one JSON line (main process only)."""
         if not self.enabled:
             return
         with self.path.open("a") as handle:
@@ -80,5 +82,6 @@ def _parse(line: str) -> dict | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl``, in order."""
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpokit.config import ConfigError
+from dpokit.distributed import no_split_modules
+from dpokit.logprobs import CompletionScorer
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
+    """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards)."""
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     model.config.use_cache = False  # no KV cache in training forwards
     if gradient_checkpointing:
@@ -126,4 +129,34 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
 
 
 def is_peft_model(model) -> bool:
+    """True for a peft model (LoRA adapters that can be switched off)."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def build_policy(config, dtype: torch.dtype, sharding: str | None) -> CompletionScorer:
+    """The policy to train: ``config.model`` in ``dtype`` (LoRA adapters added with
+    ``config.lora``) wrapped in a :class:`~dpokit.logprobs.CompletionScorer`.
+
+    ``config``: the run's :class:`~dpokit.config.TrainConfig`; ``sharding``: ``"fsdp"``,
+    ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
+    """
+    model = load_model(config.model, dtype, config.gradient_checkpointing)
+    if config.lora:
+        model = apply_lora(
+            model,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.lora_target_modules,
+        )
+    # Sharded parameters are whole only inside their module's forward: score through the full
+    # model (the exact path) rather than reading the LM head weight (dpokit.distributed).
+    policy = CompletionScorer(
+        model,
+        chunk_size=config.logps_chunk_size,
+        fast=False if sharding else None,
+        saved_softmax_mb=config.logps_saved_softmax_mb,
+    )
+    if sharding == "fsdp":  # accelerate's auto-wrap reads the layer classes off it
+        policy._no_split_modules = no_split_modules(model)
+    return policy

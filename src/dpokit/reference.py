@@ -11,23 +11,31 @@
 
 All three answer ``score(batch, return_hidden)`` with the same :class:`~dpokit.logprobs.ScoreOutput`
 the policy gives, under ``no_grad``, so the engine never asks which one it holds.
+:func:`choose_reference_mode` picks one for a method and a config, and :class:`ReferenceBuilder`
+builds it (one per data split) for the engine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpokit.distributed import (
+    log_sharded_plan,
+    refuse_other_reference,
+    refuse_separate_reference,
+)
+from dpokit.hashing import file_sha256, json_digest, sha256_hex
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
+from dpokit.modeling import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +73,12 @@ class FrozenReference:
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        """Sequence log-probs ``(R,)`` of the batch's R rows (``input_ids`` ``(R, T)``), no grad."""
         return score_batch(self.scorer, batch, return_hidden)
 
     @property
     def lm_head(self) -> torch.nn.Module:
+        """The reference model's LM head (TDPO's token-level KL)."""
         return self.scorer.model.get_output_embeddings()
 
 
@@ -86,11 +96,13 @@ class AdapterOffReference:
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        """Sequence log-probs ``(R,)`` of the batch's rows with the adapter off, no grad."""
         with self.policy_scorer.model.disable_adapter(), eval_mode(self.runner):
             return score_batch(self.runner, batch, return_hidden)
 
     @property
     def lm_head(self) -> torch.nn.Module:
+        """The policy's LM head (LoRA does not adapt it: it is the base model's)."""
         return self.policy_scorer.model.get_output_embeddings()
 
 
@@ -107,6 +119,7 @@ class StartingPolicyReference:
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        """Sequence log-probs ``(R,)`` of the batch's rows in eval mode, no grad."""
         with eval_mode(self.runner):
             return score_batch(self.runner, batch, return_hidden)
 
@@ -120,6 +133,8 @@ class PrecomputedReference:
         self.local_rows = 0  # rows this process scored when it computed the table (0: cached)
 
     def score(self, batch: dict[str, torch.Tensor], return_hidden: bool = False) -> ScoreOutput:
+        """The table's ``(2B,)`` log-probs (chosen rows, then rejected rows) of the ``(B,)`` rows
+        ``batch["index"]``. Raises ``ValueError`` for ``return_hidden`` (no hidden states)."""
         if return_hidden:
             raise ValueError("pre-computed reference log-probs carry no hidden states")
         index = batch["index"].cpu()  # (B,)
@@ -142,13 +157,12 @@ def model_identity(name_or_path: str) -> str:
     path = Path(name_or_path)
     if not path.is_dir():
         return _hub_identity(name_or_path)
-    digest = hashlib.sha256()
+    parts = []
     for file in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             continue  # tokenizer files are part of the tokenization key, not the weights
-        digest.update(file.name.encode())
-        digest.update(_file_digest(file).encode())
-    return digest.hexdigest()
+        parts += [file.name, _file_digest(file)]
+    return sha256_hex(*parts)
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -158,11 +172,7 @@ def _file_digest(file: Path) -> str:
     stat = file.stat()
     memo_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        _FILE_DIGESTS[memo_key] = digest.hexdigest()
+        _FILE_DIGESTS[memo_key] = file_sha256(file, block_size=1 << 24)
     return _FILE_DIGESTS[memo_key]
 
 
@@ -171,9 +181,9 @@ def _hub_identity(repo_id: str) -> str:
         from huggingface_hub import snapshot_download
 
         snapshot = snapshot_download(repo_id, local_files_only=True)
-        return hashlib.sha256(f"hub:{repo_id}:{Path(snapshot).name}".encode()).hexdigest()
+        return sha256_hex(f"hub:{repo_id}:{Path(snapshot).name}")
     except Exception:  # not cached locally: fall back to the id itself
-        return hashlib.sha256(f"hub:{repo_id}".encode()).hexdigest()
+        return sha256_hex(f"hub:{repo_id}")
 
 
 @dataclass(frozen=True)
@@ -186,18 +196,20 @@ class CacheKey:
 
     @property
     def digest(self) -> str:
-        payload = json.dumps(
+        """32 hex characters naming the cached table's file."""
+        return json_digest(
             [CACHE_FORMAT_VERSION, self.reference_identity, self.data_fingerprint, self.settings]
         )
-        return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def default_cache_dir() -> Path:
+    """``$DPOKIT_CACHE/reference_logps`` (default ``~/.cache/dpokit/reference_logps``)."""
     root = os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")
     return Path(root) / "reference_logps"
 
 
 def load_cached(cache_dir: Path, key: CacheKey, num_rows: int) -> PrecomputedReference | None:
+    """The cached table of ``key`` when it exists and has ``num_rows`` rows, else None."""
     file = cache_dir / f"{key.digest}.safetensors"
     if not file.exists():
         return None
@@ -253,3 +265,129 @@ def compute_reference_logps(
     table = PrecomputedReference(logps, counts)
     table.local_rows = local_rows
     return table
+
+
+# ---- choosing and building the reference of a run ---------------------------------------------
+
+
+def choose_reference_mode(config, spec) -> str:
+    """The reference of a run: ``"none"``, ``"adapter"``, ``"model"`` or ``"precomputed"``.
+
+    ``config`` is a :class:`~dpokit.config.TrainConfig`, ``spec`` the method's
+    :class:`~dpokit.losses.MethodSpec`. ``config.reference_mode`` ``auto`` picks none if the
+    method needs none; an online reference (adapter-off with LoRA, else a frozen copy) for
+    token-level methods; otherwise pre-computed and cached. Any other mode is taken as given.
+    """
+    if spec.reference == "none":
+        return "none"
+    if config.reference_mode != "auto":
+        return config.reference_mode
+    if spec.reference == "online":
+        return "adapter" if config.lora and config.reference is None else "model"
+    return "precomputed"
+
+
+@dataclass
+class ReferenceBuilder:
+    """Builds a run's reference from its policy, once the policy is prepared.
+
+    Attributes:
+        config: the run's :class:`~dpokit.config.TrainConfig`.
+        accelerator: the run's ``accelerate.Accelerator``.
+        policy: the prepared policy scorer (possibly DDP/FSDP-wrapped).
+        sharding: ``"fsdp"``, ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
+        dtype: the dtype a separate reference model is loaded in.
+        loader: ``loader(prepared) -> DataLoader``, unshuffled, with the run's collator.
+    """
+
+    config: object
+    accelerator: object
+    policy: torch.nn.Module
+    sharding: str | None
+    dtype: torch.dtype
+    loader: Callable
+
+    def build(self, mode: str, splits: dict) -> dict[str, object | None]:
+        """One reference per split name of ``splits`` (name -> PreparedData or None), for
+        ``mode`` from :func:`choose_reference_mode`: a pre-computed table is indexed by its
+        split's rows, the online references are shared.
+
+        Raises ``ValueError`` (:mod:`dpokit.distributed`) for a separate reference model under
+        sharded parameters, with what to use instead.
+        """
+        log_sharded_plan(self.sharding, mode)
+        if mode == "none":
+            return dict.fromkeys(splits)
+        if mode == "adapter":
+            return dict.fromkeys(splits, AdapterOffReference(*self.policy_runner()))
+        if mode == "model":
+            refuse_separate_reference(self.sharding)
+            return dict.fromkeys(splits, self.frozen())
+        return {
+            name: self.precomputed(data) if data is not None else None
+            for name, data in splits.items()
+        }
+
+    def frozen(self) -> FrozenReference:
+        """A frozen copy of ``config.reference`` (else the starting model) on the device."""
+        name = self.config.reference or self.config.model
+        model = load_model(name, self.dtype)
+        scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
+        return FrozenReference(scorer.to(self.accelerator.device))
+
+    def policy_runner(self) -> tuple[CompletionScorer, torch.nn.Module]:
+        """(the plain policy scorer, the module to call for reference forwards): the sharded
+        wrapper under FSDP / ZeRO-3 (it gathers the weights), else the plain scorer (no DDP
+        collective in a forward that has no backward)."""
+        scorer = self.accelerator.unwrap_model(self.policy)
+        return scorer, self.policy if self.sharding else scorer
+
+    def for_precompute(self):
+        """What scores the table: without ``--reference`` the policy before its first step is
+        the reference (LoRA: adapter off), so no second copy of the weights is loaded."""
+        if self.config.reference is None:
+            scorer, runner = self.policy_runner()
+            if self.config.lora:
+                return AdapterOffReference(scorer, runner)
+            return StartingPolicyReference(runner)
+        refuse_other_reference(self.sharding, self.config.reference)
+        return self.frozen()
+
+    def cache_key(self, prepared) -> CacheKey:
+        """The table's cache key: reference weights, the split's data, dtype and precision."""
+        config = self.config
+        return CacheKey(
+            reference_identity=model_identity(config.reference or config.model),
+            data_fingerprint=prepared.fingerprint,
+            settings=json.dumps(
+                {"dtype": config.dtype, "mixed_precision": self.accelerator.mixed_precision}
+            ),
+        )
+
+    def precomputed(self, prepared) -> PrecomputedReference:
+        """The split's reference log-probs from the cache, else scored (each process its shard,
+        gathered) and cached by the main process."""
+        acc = self.accelerator
+        cache_dir = Path(self.config.reference_cache_dir or default_cache_dir())
+        key, num_rows = self.cache_key(prepared), len(prepared.dataset)
+        cached = load_cached(cache_dir, key, num_rows)
+        if cached is not None:
+            logger.info("reference log-probs: cache hit %s", key.digest)
+            return cached
+        logger.info("reference log-probs: computing for %d rows (cache %s)", num_rows, key.digest)
+        reference = self.for_precompute()
+        loader = acc.prepare_data_loader(self.loader(prepared))
+        with acc.autocast():
+            table = compute_reference_logps(
+                reference, loader, num_rows, gather=acc.gather_for_metrics
+            )
+        logger.info(
+            "reference log-probs: process %d scored %d of %d rows",
+            acc.process_index,
+            table.local_rows,
+            num_rows,
+        )
+        if acc.is_main_process:
+            save_cached(cache_dir, key, table)
+        acc.wait_for_everyone()
+        return table

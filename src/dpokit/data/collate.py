@@ -32,9 +32,9 @@ class PairCollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
-        prompts = [_ids(row["prompt_input_ids"]) for row in rows]
-        completions = [_ids(row["chosen_input_ids"]) for row in rows]
-        completions += [_ids(row["rejected_input_ids"]) for row in rows]
+        prompts = [as_long_tensor(row["prompt_input_ids"]) for row in rows]
+        completions = [as_long_tensor(row["chosen_input_ids"]) for row in rows]
+        completions += [as_long_tensor(row["rejected_input_ids"]) for row in rows]
         prompts = prompts + prompts
         length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         length = self._round_up(length)
@@ -71,5 +71,6 @@ def resolve_pad_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a pad_token nor an eos_token")
 
 
-def _ids(values) -> torch.Tensor:
+def as_long_tensor(values) -> torch.Tensor:
+    """Token ids (a list or an array) as a 1-D ``torch.long`` tensor."""
     return torch.as_tensor(values, dtype=torch.long)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 TRUNCATION_MODES = ("truncate", "error")
 IDENTICAL_PAIR_MODES = ("keep", "drop")
@@ -63,6 +64,27 @@ class DataConfig:
             )
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"num_proc must be >= 1 or None, got {self.num_proc}")
+
+    @classmethod
+    def from_train_config(cls, config, require_scores: bool = False) -> DataConfig:
+        """The data settings of a run: ``config`` is a :class:`dpokit.config.TrainConfig` (read by
+        attribute, so this layer does not import it). ``require_scores``: the method reads
+        ``score_chosen``/``score_rejected`` (ODPO). The chat template file is read here.
+
+        Raises ``OSError`` when ``config.chat_template`` names a file that cannot be read, and
+        ``ValueError`` for settings out of range.
+        """
+        template = Path(config.chat_template).read_text() if config.chat_template else None
+        return cls(
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            truncation=config.truncation,
+            identical_pairs=config.identical_pairs,
+            bad_scores=config.bad_scores,
+            require_scores=require_scores,
+            num_proc=config.num_proc,
+            chat_template=template,
+        )
 
     @property
     def effective_max_prompt_length(self) -> int | None:

@@ -34,6 +34,7 @@ class PairExample:
 
     @property
     def identical(self) -> bool:
+        """Chosen and rejected are the same."""
         return self.chosen == self.rejected
 
 
@@ -41,8 +42,9 @@ class PairExample:
 class Format:
     """One input layout.
 
-    ``task``: what the examples train (``"pairs"`` now; ``"unpaired"``, ``"sft"``, ``"sessions"``
-    later). ``kind``: how they are tokenized, ``"text"`` or ``"chat"`` (through the chat template).
+    ``task``: what the examples train, the data kinds of the method table: ``"pairs"``,
+    ``"unpaired"``, ``"sft"`` or ``"multiturn_pairs"``. ``kind``: how they are tokenized,
+    ``"text"`` or ``"chat"`` (through the chat template).
     ``detect(kinds, config)`` says whether columns of these kinds are this format;
     ``normalize(row, config)`` turns one raw row into the task's example or raises `InvalidRow`.
     """
@@ -125,6 +127,7 @@ def value_kind(value) -> str:
 
 
 def column_kinds(features) -> dict[str, str]:
+    """Column name -> kind (:func:`feature_kind`) of a ``datasets.Features``."""
     return {name: feature_kind(feature) for name, feature in features.items()}
 
 
@@ -145,6 +148,8 @@ def row_column_kinds(rows: Iterable[Mapping]) -> dict[str, str]:
 
 
 def read_text(row: Mapping, field: str, completion: bool = False) -> str:
+    """``row[field]`` as a string. Raises `InvalidRow` when it is missing or not a string (or, for
+    a ``completion``, blank)."""
     value = _present(row, field)
     if not isinstance(value, str):
         raise InvalidRow(f"field {field!r} must be a string, got {type(value).__name__}")
@@ -167,6 +172,8 @@ def check_unicode(text: str, field: str) -> str:
 
 
 def read_messages(row: Mapping, field: str) -> Messages:
+    """``row[field]`` as a message list. Raises `InvalidRow` unless it is a non-empty list of
+    ``{role, content}`` dicts."""
     value = _present(row, field)
     if not isinstance(value, list) or not value:
         raise InvalidRow(

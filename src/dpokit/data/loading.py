@@ -9,7 +9,6 @@ Python to name the broken line or the row with the wrong type.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+
+from dpokit.hashing import file_sha256
 
 from .config import DataConfig
 from .errors import DataError, InvalidRow
@@ -34,6 +35,8 @@ class RowLocator:
     _line_numbers: list[int] | None = field(default=None, repr=False)
 
     def locate(self, index: int) -> tuple[int, str]:
+        """(1-based line, ``"line"``) of row ``index`` of a JSON-lines file, else
+        (index, ``"row"``)."""
         if self.jsonl_path is None:
             return index, "row"
         if self._line_numbers is None:
@@ -117,7 +120,7 @@ def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
             # Arrow's reader takes what JSON lines forbid (two objects on one line, one object
             # over several lines): read line by line to name the line.
             dataset = _rebuild_from_rows(_json_rows(path, jsonl), str(path), config, None)
-    fingerprint = _sha256_file(path, extra=f"{builder}|{split}")
+    fingerprint = file_sha256(path, prefix=f"{builder}|{split}")
     # Line numbers only mean something when the rows are the file's rows, unsliced.
     locator = RowLocator(str(path) if jsonl and split in (None, "train") else None)
     return Source(dataset, str(path), fingerprint, cacheable=True, locator=locator)
@@ -279,11 +282,3 @@ def _is_json_lines(path: Path) -> bool:
     with _open_text(path) as f:
         head = f.read(4096).lstrip()
     return not head.startswith("[")
-
-
-def _sha256_file(path: Path, extra: str) -> str:
-    digest = hashlib.sha256(extra.encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -3,7 +3,7 @@
 A row holds two sessions, ``chosen`` and ``rejected`` (message lists), that share their history up
 to the first assistant turn where they differ, e, and run to the same segment end k. Segment DPO is
 DPO whose log-probs sum only the ASSISTANT tokens of turns e..k; the shared history and the other
-party's turns inside the segment are context. Accepted layout (``task="sessions"``):
+party's turns inside the segment are context. Accepted layout (``task="multiturn_pairs"``):
 
 - ``chosen``, ``rejected``: message lists ``[{"role", "content"}, ...]``, each a whole session;
 - optional ``prompt``: a message list prepended to both sessions (unless they already start with
@@ -36,23 +36,15 @@ from dataclasses import dataclass
 import torch
 from datasets import Features, List, Value
 
+from dpokit.hashing import derive_fingerprint
+
 from .collate import PairCollator
 from .config import DataConfig
 from .errors import InvalidRow
 from .formats import Format, read_messages, register_format
 from .loading import RowLocator, load_source
-from .pipeline import (
-    PreparedData,
-    RowGuard,
-    _cache_file,
-    _column_kinds,
-    _derive,
-    _kept_rows,
-    _source_rows,
-    pairs_fingerprint,
-    tokenize_rows,
-)
-from .pipeline import _detect as _detect_source_format
+from .pipeline import PreparedData, RowGuard, pairs_fingerprint, tokenize_rows
+from .rows import cache_path, dataset_column_kinds, detect_source_format, kept_rows, source_rows
 from .summary import COMPLETIONS_TRUNCATED, DROP_REASON, IDENTICAL, PROMPT_TRUNCATED
 from .tokenization import PairEncoder
 
@@ -73,6 +65,7 @@ class SessionPair:
 
     @property
     def identical(self) -> bool:
+        """Chosen and rejected sessions are the same."""
         return self.chosen == self.rejected
 
 
@@ -183,7 +176,7 @@ def segment_of(
 SESSIONS = register_format(
     Format(
         name="multiturn_sessions",
-        task="sessions",
+        task="multiturn_pairs",
         kind="chat",
         description="chosen/rejected message lists sharing their first turns, optional "
         f"{START_FIELD}/{END_FIELD} (0-based inclusive turn indices) and prompt (messages)",
@@ -304,15 +297,17 @@ def prepare_segments(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = _source_rows(src)
-    fmt = _detect_source_format(_column_kinds(dataset), config, src.name, task="sessions")
+    dataset = source_rows(src)
+    fmt = detect_source_format(
+        dataset_column_kinds(dataset), config, src.name, task="multiturn_pairs"
+    )
     encoder = SessionEncoder(tokenizer, config)
     encoder.pairs.require_chat_template(src.name)
-    fingerprint = _derive(
+    fingerprint = derive_fingerprint(
         pairs_fingerprint(src.fingerprint, fmt.name, tokenizer, encoder.pairs, config),
         f"segments-v{SEGMENTS_VERSION}",
     )
-    cache_file = _cache_file(src, config, fingerprint)
+    cache_file = cache_path(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "segments-")
     mapped, summary, from_cache = tokenize_rows(
@@ -326,7 +321,7 @@ def prepare_segments(
         cache_file,
         "dpokit: tokenizing session pairs",
     )
-    kept = _kept_rows(mapped, fingerprint)
+    kept = kept_rows(mapped, fingerprint)
     return PreparedData(kept, summary, fingerprint, False, cache_file, from_cache)
 
 

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .collate import PairCollator, _ids
+from .collate import PairCollator, as_long_tensor
 
 PACKING_MODES = ("auto", "none", "shared_prompt", "padding_free")
 
@@ -151,9 +151,9 @@ class SharedPromptCollator(PairCollator):
         pairs = len(rows)
         parts = [
             (
-                _ids(r["prompt_input_ids"]),
-                _ids(r["chosen_input_ids"]),
-                _ids(r["rejected_input_ids"]),
+                as_long_tensor(r["prompt_input_ids"]),
+                as_long_tensor(r["chosen_input_ids"]),
+                as_long_tensor(r["rejected_input_ids"]),
             )
             for r in rows
         ]
@@ -192,9 +192,9 @@ class PaddingFreeCollator(PairCollator):
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
-        prompts = [_ids(row["prompt_input_ids"]) for row in rows]
-        completions = [_ids(row["chosen_input_ids"]) for row in rows]
-        completions += [_ids(row["rejected_input_ids"]) for row in rows]
+        prompts = [as_long_tensor(row["prompt_input_ids"]) for row in rows]
+        completions = [as_long_tensor(row["chosen_input_ids"]) for row in rows]
+        completions += [as_long_tensor(row["rejected_input_ids"]) for row in rows]
         sequences = list(zip(prompts + prompts, completions, strict=True))  # id = position here
         sizes = [len(p) + len(c) for p, c in sequences]
         bins = first_fit_decreasing(sizes, self.packing_length or sum(sizes))

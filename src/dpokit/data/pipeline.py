@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
-import numpy as np
-import pyarrow.compute as pc
 from datasets import Features, List, Value
+
+from dpokit.hashing import json_digest
 
 from .config import DataConfig
 from .errors import DataError, InvalidRow
-from .formats import (
-    Format,
-    column_kinds,
-    detect_format,
-    read_pair_row,
-    row_column_kinds,
-    scores_present,
-)
-from .loading import RowLocator, Source, load_source, reread_mixed_pairs
+from .formats import Format, read_pair_row, scores_present
+from .loading import RowLocator, load_source, reread_mixed_pairs
+from .rows import cache_path, dataset_column_kinds, detect_source_format, kept_rows, source_rows
 from .summary import (
     COMPLETIONS_TRUNCATED,
     DROP_REASON,
     IDENTICAL,
     PROMPT_TRUNCATED,
-    STATUS_COLUMNS,
     DataSummary,
     summarize,
 )
@@ -77,15 +67,15 @@ def prepare_pairs(
     """
     config = config or DataConfig()
     src = reread_mixed_pairs(load_source(source, config, split), config)
-    dataset = _source_rows(src)
-    kinds = _column_kinds(dataset)
-    fmt = _detect(kinds, config, src.name)
+    dataset = source_rows(src)
+    kinds = dataset_column_kinds(dataset)
+    fmt = detect_source_format(kinds, config, src.name)
     encoder = PairEncoder(tokenizer, config)
     if fmt.kind == "chat":
         encoder.require_chat_template(src.name)
     has_scores = _check_scores(kinds, config, src.name)
     fingerprint = pairs_fingerprint(src.fingerprint, fmt.name, tokenizer, encoder, config)
-    cache_file = _cache_file(src, config, fingerprint)
+    cache_file = cache_path(src, config, fingerprint)
     mapped, summary, from_cache = tokenize_rows(
         dataset,
         PairRowProcessor(fmt, encoder, config, has_scores, src.name, src.locator),
@@ -97,7 +87,7 @@ def prepare_pairs(
         cache_file,
         "dpokit: tokenizing pairs",
     )
-    kept = _kept_rows(mapped, fingerprint)
+    kept = kept_rows(mapped, fingerprint)
     return PreparedData(kept, summary, fingerprint, has_scores, cache_file, from_cache)
 
 
@@ -245,32 +235,7 @@ def pairs_fingerprint(
         "tokenizer": tokenizer_fingerprint(tokenizer, encoder.chat_template),
         "settings": config.fingerprint_settings(),
     }
-    return _hash(payload)
-
-
-def _column_kinds(dataset: datasets.Dataset) -> dict[str, str]:
-    """Column kinds from the features; a mixed-type column is judged by its most common kind, so
-    the odd rows fail validation with their row number instead of hiding the format."""
-    kinds = column_kinds(dataset.features)
-    for name, kind in kinds.items():
-        if kind == "mixed":
-            kinds[name] = row_column_kinds({name: value} for value in dataset[name])[name]
-    return kinds
-
-
-def _source_rows(src: Source) -> datasets.Dataset:
-    """The source's rows as plain Python values; a `DataError` when there are none."""
-    dataset = src.dataset.with_format(None)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", source=src.name)
-    return dataset
-
-
-def _detect(kinds: dict, config: DataConfig, name: str, task: str = "pairs") -> Format:
-    try:
-        return detect_format(kinds, config, task=task)
-    except InvalidRow as error:
-        raise DataError(str(error), source=name) from None
+    return json_digest(payload)
 
 
 def _check_scores(kinds: dict, config: DataConfig, name: str) -> bool:
@@ -295,32 +260,6 @@ def _features(has_scores: bool) -> Features:
         }
     )
     return Features(features)
-
-
-def _kept_rows(mapped: datasets.Dataset, fingerprint: str) -> datasets.Dataset:
-    """Drop the rows with a drop reason, add ``index``, remove the status columns.
-
-    The index column is added before selecting, so no indices mapping has to be flattened.
-    """
-    keep_mask = pc.equal(mapped.data.column(DROP_REASON), "").to_numpy(zero_copy_only=False)
-    keep = np.flatnonzero(keep_mask)
-    index = np.full(len(mapped), -1, dtype=np.int64)
-    index[keep] = np.arange(len(keep))
-    dataset = mapped.add_column(
-        "index", index, new_fingerprint=_derive(fingerprint, "index"), feature=Value("int64")
-    )
-    if len(keep) < len(mapped):
-        dataset = dataset.select(keep, new_fingerprint=_derive(fingerprint, "keep"))
-    return dataset.remove_columns(list(STATUS_COLUMNS), new_fingerprint=_derive(fingerprint, "out"))
-
-
-def _cache_file(src: Source, config: DataConfig, fingerprint: str) -> str | None:
-    """Where the tokenized rows are cached; None (in memory) for in-memory sources by default."""
-    if not datasets.is_caching_enabled() or not (src.cacheable or config.cache_dir):
-        return None
-    root = Path(config.cache_dir or datasets.config.HF_DATASETS_CACHE) / "dpokit"
-    root.mkdir(parents=True, exist_ok=True)
-    return str(root / f"pairs-{fingerprint}.arrow")
 
 
 def _num_proc(config: DataConfig, rows: int) -> int | None:
@@ -350,12 +289,3 @@ def _report(summary: DataSummary) -> None:
             "kept" if summary.identical_pairs_action == "keep" else "dropped",
             summary.identical_pairs_action,
         )
-
-
-def _hash(payload) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _derive(fingerprint: str, tag: str) -> str:
-    return _hash([fingerprint, tag])

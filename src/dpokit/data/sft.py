@@ -23,16 +23,8 @@ from .config import DataConfig
 from .errors import InvalidRow
 from .formats import Format, read_messages, read_text, register_format
 from .loading import load_source
-from .pipeline import (
-    PreparedData,
-    _cache_file,
-    _column_kinds,
-    _detect,
-    _kept_rows,
-    _source_rows,
-    pairs_fingerprint,
-    tokenize_rows,
-)
+from .pipeline import PreparedData, pairs_fingerprint, tokenize_rows
+from .rows import cache_path, dataset_column_kinds, detect_source_format, kept_rows, source_rows
 from .single import CompletionRowProcessor, completion_features
 from .tokenization import PairEncoder
 
@@ -159,13 +151,13 @@ def prepare_sft(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = _source_rows(src)
-    fmt = _detect(_column_kinds(dataset), config, src.name, task="sft")
+    dataset = source_rows(src)
+    fmt = detect_source_format(dataset_column_kinds(dataset), config, src.name, task="sft")
     encoder = PairEncoder(tokenizer, config)
     if fmt.kind == "chat":
         encoder.require_chat_template(src.name)
     fingerprint = pairs_fingerprint(src.fingerprint, fmt.name, tokenizer, encoder, config)
-    cache_file = _cache_file(src, config, fingerprint)
+    cache_file = cache_path(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "sft-")
     mapped, summary, from_cache = tokenize_rows(
@@ -179,7 +171,7 @@ def prepare_sft(
         cache_file,
         "dpokit: tokenizing SFT rows",
     )
-    kept = _kept_rows(mapped, fingerprint)
+    kept = kept_rows(mapped, fingerprint)
     return PreparedData(kept, summary, fingerprint, False, cache_file, from_cache)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import datasets
 import numpy as np
 from datasets import Value
+
+from dpokit.hashing import derive_fingerprint
 
 from .pipeline import PreparedData
 
@@ -44,13 +45,15 @@ def split_rows(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.
 
 
 def _reindexed(dataset: datasets.Dataset, tag: str) -> datasets.Dataset:
-    fingerprint = _derive(dataset._fingerprint, tag)
+    fingerprint = derive_fingerprint(dataset._fingerprint, tag)
     if "index" in dataset.column_names:
-        dataset = dataset.remove_columns("index", new_fingerprint=_derive(fingerprint, "drop"))
+        dataset = dataset.remove_columns(
+            "index", new_fingerprint=derive_fingerprint(fingerprint, "drop")
+        )
     return dataset.add_column(
         "index",
         np.arange(len(dataset), dtype=np.int64),
-        new_fingerprint=_derive(fingerprint, "index"),
+        new_fingerprint=derive_fingerprint(fingerprint, "index"),
         feature=Value("int64"),
     )
 
@@ -62,9 +65,5 @@ def _prepared_part(data: PreparedData, dataset, role: str, tag: str) -> Prepared
         data,
         dataset=dataset,
         summary=replace(data.summary, source=source),
-        fingerprint=_derive(data.fingerprint, tag),
+        fingerprint=derive_fingerprint(data.fingerprint, tag),
     )
-
-
-def _derive(fingerprint: str, tag: str) -> str:
-    return hashlib.sha256(f"{fingerprint}|{tag}".encode()).hexdigest()[:32]

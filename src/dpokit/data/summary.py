@@ -35,6 +35,7 @@ class DataSummary:
 
     @property
     def rows_dropped(self) -> int:
+        """Rows dropped, for every reason."""
         return sum(self.dropped.values())
 
     def format(self) -> str:

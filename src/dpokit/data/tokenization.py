@@ -8,9 +8,10 @@ the rendered full conversation minus the rendered prompt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
+
+from dpokit.hashing import json_digest
 
 from .config import DataConfig
 from .errors import DataError, InvalidRow
@@ -45,6 +46,7 @@ class PairEncoder:
         self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
 
     def require_chat_template(self, source: str) -> None:
+        """Raises `DataError` naming ``source`` when the tokenizer has no chat template."""
         if not self.chat_template:
             raise DataError(
                 f"conversational data needs a chat template and the tokenizer has none; "
@@ -192,8 +194,4 @@ def tokenizer_fingerprint(tokenizer, chat_template: str | None) -> str:
         "adds_bos": adds_bos(tokenizer),
         "chat_template": chat_template,
     }
-    return _sha256(payload)
-
-
-def _sha256(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(payload, length=None)

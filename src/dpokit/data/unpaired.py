@@ -30,21 +30,15 @@ import pyarrow.compute as pc
 import torch
 from datasets import Features, List, Value
 
+from dpokit.hashing import derive_fingerprint
+
 from .collate import PairCollator
 from .config import DataConfig
 from .errors import DataError, InvalidRow
 from .formats import Format, detect_format, read_messages, read_text, register_format
 from .loading import load_source
-from .pipeline import (
-    PreparedData,
-    _cache_file,
-    _column_kinds,
-    _derive,
-    _source_rows,
-    pairs_fingerprint,
-    prepare_pairs,
-    tokenize_rows,
-)
+from .pipeline import PreparedData, pairs_fingerprint, prepare_pairs, tokenize_rows
+from .rows import cache_path, dataset_column_kinds, source_rows
 from .single import CompletionRowProcessor, completion_features
 from .summary import STATUS_COLUMNS
 from .tokenization import PairEncoder
@@ -71,6 +65,7 @@ class UnpairedExample:
 
 
 def read_label(row: Mapping) -> bool:
+    """The row's ``label`` (True = desirable). Raises `InvalidRow` unless it is a bool."""
     value = row.get(LABEL_FIELD)
     if value is None:
         raise InvalidRow(f"missing field {LABEL_FIELD!r} (true = desirable, false = undesirable)")
@@ -166,19 +161,19 @@ def prepare_unpaired(
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
-    dataset = _source_rows(src)
-    kinds = _column_kinds(dataset)
+    dataset = source_rows(src)
+    kinds = dataset_column_kinds(dataset)
     fmt = _detect(kinds, config, src.name)
     if fmt is None:
         return _from_pairs(source, tokenizer, config, split)
     encoder = PairEncoder(tokenizer, config)
     if fmt.kind == "chat":
         encoder.require_chat_template(src.name)
-    fingerprint = _derive(
+    fingerprint = derive_fingerprint(
         pairs_fingerprint(src.fingerprint, fmt.name, tokenizer, encoder, config),
         f"unpaired-v{UNPAIRED_VERSION}",
     )
-    cache_file = _cache_file(src, config, fingerprint)
+    cache_file = cache_path(src, config, fingerprint)
     if cache_file is not None:
         cache_file = cache_file.replace("pairs-", "unpaired-")
     mapped, summary, from_cache = tokenize_rows(  # rows are never dropped here
@@ -193,7 +188,7 @@ def prepare_unpaired(
         "dpokit: tokenizing unpaired examples",
     )
     examples = mapped.remove_columns(
-        list(STATUS_COLUMNS), new_fingerprint=_derive(fingerprint, "out")
+        list(STATUS_COLUMNS), new_fingerprint=derive_fingerprint(fingerprint, "out")
     )
     examples = with_mismatched_completions(examples, fingerprint)
     return PreparedData(examples, summary, fingerprint, False, cache_file, from_cache)
@@ -219,7 +214,7 @@ def _detect(kinds: dict, config: DataConfig, name: str) -> Format | None:
 def _from_pairs(source, tokenizer, config: DataConfig, split: str | None) -> PreparedData:
     """Preference pairs -> (prompt, chosen, desirable) and (prompt, rejected, undesirable)."""
     pairs = prepare_pairs(source, tokenizer, config, split)
-    fingerprint = _derive(pairs.fingerprint, f"unpaired-from-pairs-v{UNPAIRED_VERSION}")
+    fingerprint = derive_fingerprint(pairs.fingerprint, f"unpaired-from-pairs-v{UNPAIRED_VERSION}")
     examples = pairs.dataset.map(
         _unpair,
         batched=True,
@@ -317,17 +312,17 @@ def with_mismatched_completions(examples: datasets.Dataset, fingerprint: str) ->
         )
     partner = mismatched_partners(keys)
     if examples._indices is not None:  # the column below is taken from the table itself
-        examples = examples.flatten_indices(new_fingerprint=_derive(fingerprint, "flat"))
+        examples = examples.flatten_indices(new_fingerprint=derive_fingerprint(fingerprint, "flat"))
     completions = examples.data.column("completion_input_ids")  # arrow: no Python lists
     examples = examples.add_column(
         "kl_completion_input_ids",
         pc.take(completions, partner),
-        new_fingerprint=_derive(fingerprint, "partners"),
+        new_fingerprint=derive_fingerprint(fingerprint, "partners"),
     )
     return examples.add_column(
         "index",
         np.arange(len(examples), dtype=np.int64),
-        new_fingerprint=_derive(fingerprint, "index"),
+        new_fingerprint=derive_fingerprint(fingerprint, "index"),
         feature=Value("int64"),
     )
 

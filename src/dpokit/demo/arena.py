@@ -2,7 +2,7 @@
 
 For each seed: one SFT model and one on-policy data set (:func:`dpokit.demo.demo.prepare`), then
 each method trained from the SFT model with the demo's settings (plus the per-method ones in
-:data:`~dpokit.demo.demo.METHOD_SETTINGS`), and evaluated on held-out prompts against the SFT
+:data:`~dpokit.demo.settings.METHOD_SETTINGS`), and evaluated on held-out prompts against the SFT
 model's samples. Extra "claim" runs train DPO and rDPO on the label-flipped copy of the pairs.
 
 Writes ``arena.md`` (table, claims, settings), ``arena.csv`` (one line per run and seed) and
@@ -21,16 +21,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpokit.demo.demo import (
+from dpokit.demo.demo import baseline_eval, evaluate_run, prepare, torch_threads, train_method
+from dpokit.demo.settings import (
     DEFAULT_LEARNING_RATE,
     METHOD_SETTINGS,
     TUNING_NOTES,
     DemoConfig,
-    baseline_eval,
-    evaluate_run,
-    prepare,
-    torch_threads,
-    train_method,
     trainable_methods,
 )
 from dpokit.losses import get_method
@@ -60,6 +56,8 @@ class Run:
 
 @dataclass
 class ArenaConfig:
+    """Settings of ``dpokit arena``: the demo settings, methods, seeds, and the extra runs."""
+
     demo: DemoConfig = field(default_factory=DemoConfig)
     methods: list[str] | None = None  # None: every method `dpokit train` runs
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -84,6 +82,7 @@ def claim_runs(config: ArenaConfig, methods: list[str]) -> list[tuple[str, str, 
 
 
 def run_arena(config: ArenaConfig) -> dict:
+    """Every method on every seed from the same SFT model; writes the table, CSV and plot."""
     with torch_threads(config.demo.threads):
         return _run_arena(config)
 
@@ -202,6 +201,7 @@ def verdict(runs: list[Run], name: str) -> str:
 
 
 def markdown_table(runs: list[Run], names: list[str]) -> str:
+    """The arena's Markdown table: one row per run name, mean +- std over seeds, a verdict."""
     header = ["run", "reference"] + [label for _, label in METRICS] + ["verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
@@ -285,6 +285,7 @@ def command_line(config: ArenaConfig) -> str:
 
 
 def write_csv(runs: list[Run], path: Path) -> Path:
+    """Every run's metrics, one row per run and seed, as CSV at ``path``."""
     keys = sorted({k for r in runs for k in r.metrics})
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -302,6 +303,7 @@ def _csv_value(value) -> str:
 
 
 def write_markdown(config, methods, table, claims, runs, path: Path) -> Path:
+    """``docs/arena/arena.md``: settings, the table, the claims checked and the tuning notes."""
     demo = config.demo
     settings = [
         f"- every method: {demo.steps} steps, batch {demo.batch_size} pairs, learning rate "

@@ -3,7 +3,7 @@
 For each prompt the SFT model writes ``k`` completions, the judge scores them, and
 
 - ``pairs.jsonl``: best vs worst of the k (ties dropped), with ``score_chosen``/``score_rejected``
-  (the judge's rewards, for ODPO) and ``step`` (the chunk of stepwise DPO: pairs ordered easy to
+  (the judge's rewards, for ODPO) and ``chunk`` (the chunk of stepwise DPO: pairs ordered easy to
   hard by their reward gap, split in ``chunks``);
 - ``eval_pairs.jsonl``: the same on held-out prompts (reward accuracy, log-prob changes);
 - ``unpaired.jsonl``: KTO's rows ``prompt``/``completion``/``label``: the best answer of each group
@@ -42,14 +42,17 @@ class Group:
 
     @property
     def best(self) -> int:
+        """Index of the highest-reward usable sample (first on ties)."""
         return max(self.usable, key=lambda i: (self.rewards[i], -i))
 
     @property
     def worst(self) -> int:
+        """Index of the lowest-reward usable sample (first on ties)."""
         return min(self.usable, key=lambda i: (self.rewards[i], i))
 
     @property
     def has_preference(self) -> bool:
+        """At least two usable samples, and the best one scores higher than the worst."""
         return len(self.usable) >= 2 and self.rewards[self.best] > self.rewards[self.worst]
 
 
@@ -84,7 +87,7 @@ def sample_groups(
 
 
 def pair_rows(groups: Sequence[Group], chunks: int = 2) -> list[dict]:
-    """Best vs worst of each group with a preference; ``step`` = easy-to-hard chunk index."""
+    """Best vs worst of each group with a preference; ``chunk`` = easy-to-hard chunk index."""
     rows = []
     for group in groups:
         if not group.has_preference:
@@ -103,7 +106,7 @@ def pair_rows(groups: Sequence[Group], chunks: int = 2) -> list[dict]:
         range(len(rows)), key=lambda i: -(rows[i]["score_chosen"] - rows[i]["score_rejected"])
     )
     for rank, i in enumerate(order):
-        rows[i]["step"] = rank * chunks // max(len(rows), 1)
+        rows[i]["chunk"] = rank * chunks // max(len(rows), 1)
     return rows
 
 
@@ -171,6 +174,7 @@ def _exchanges(groups: Sequence[Group], best: bool) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    """``rows`` as JSON lines at ``path`` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:

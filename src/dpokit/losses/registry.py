@@ -3,7 +3,10 @@
 A :class:`MethodSpec` says what a method computes (its loss function and an adapter ``compute``
 that picks its inputs from :class:`~dpokit.losses.base.LossInputs`), which hyperparameters it takes
 (with defaults, types and valid ranges), and what the engine must provide around it: a reference
-model, per-token averages, token-level KL, scores, a data format and a procedure.
+model, per-token averages, token-level KL, scores, a data format, the per-batch step that trains
+it (a key of :data:`dpokit.steps.STEPS`) and, for methods that are several runs, the recipe that
+chains them (a key of :data:`dpokit.recipes.RECIPES`). This module only names them: the losses
+layer imports neither.
 
 Notation in formulas: ``nls(z) = -log sigmoid(z)``, ``rho = logp(y) - ref(y)`` (summed over
 completion tokens), ``h = rho_w - rho_l``.
@@ -12,6 +15,7 @@ completion tokens), ``h = rho_w - rho_l``.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -41,6 +45,8 @@ from dpokit.losses.tdpo import tdpo_loss
 
 REFERENCE_KINDS = ("none", "logps", "online")
 DATA_KINDS = ("pairs", "unpaired", "sft", "multiturn_pairs")
+STEP_KINDS = ("pairwise", "kto", "slic", "segment", "sft")
+RECIPE_KINDS = ("spin", "stepwise")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -142,10 +148,16 @@ class MethodSpec:
             averaging is its ``average`` hyperparameter instead.
         token_kl: needs ``chosen_seq_kl`` / ``rejected_seq_kl`` (TDPO).
         scores: needs ``score_chosen`` / ``score_rejected`` (ODPO).
-        data: ``"pairs"``, ``"unpaired"`` (KTO), ``"sft"`` (SPIN) or ``"multiturn_pairs"``.
-        procedure: label of what the engine runs around the loss, or ``None``: ``"kto_baseline"``
-            (z0 from mismatched pairs), ``"spin"`` (generate/train rounds), ``"stepwise"`` (chunks
-            with a moving reference), ``"segment"`` (segment masks), ``"slic_target"`` (y_ref).
+        data: the kind of rows the user gives: ``"pairs"``, ``"unpaired"`` (KTO), ``"sft"``
+            (SPIN) or ``"multiturn_pairs"`` (segment DPO).
+        step: key of the per-batch step the engine runs (:data:`dpokit.steps.STEPS`):
+            ``"pairwise"``, ``"kto"`` (z0 from mismatched pairs), ``"slic"`` (y_ref rows),
+            ``"segment"`` (segment masks) or ``"sft"``. For a recipe method, the step of each run.
+        recipe: key of the recipe that chains several runs (:data:`dpokit.recipes.RECIPES`):
+            ``"spin"`` (generate/train rounds), ``"stepwise"`` (data chunks with a moving
+            reference); ``None``: one run.
+        stage_count: for a recipe method, the hyperparameter that gives its number of runs
+            (``"iterations"``, ``"chunks"``); else ``None``.
     """
 
     name: str
@@ -160,7 +172,9 @@ class MethodSpec:
     token_kl: bool
     scores: bool
     data: str
-    procedure: str | None = None
+    step: str = "pairwise"
+    recipe: str | None = None
+    stage_count: str | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default value of every hyperparameter."""
@@ -254,12 +268,14 @@ def _compute_odpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossO
     return out
 
 
-def _compute_tdpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
+def _compute_tdpo(
+    name: str, inputs: LossInputs, hp: Mapping[str, Any], *, loss: Callable[..., LossOutput]
+) -> LossOutput:
     logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
     seq_kl = inputs.require(name, "chosen_seq_kl", "rejected_seq_kl")
-    # tdpo1 has no alpha; tdpo_loss ignores the value it gets.
+    # tdpo1 has no alpha; its loss ignores the value it gets.
     alpha = hp.get("alpha", 0.5)
-    return tdpo_loss(*logps, *seq_kl, beta=hp["beta"], alpha=alpha, variant=name)
+    return loss(*logps, *seq_kl, beta=hp["beta"], alpha=alpha)
 
 
 def _compute_simpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
@@ -337,11 +353,17 @@ def _spec(
         **fields,
     )
     assert spec.reference in REFERENCE_KINDS and spec.data in DATA_KINDS, spec
+    assert spec.step in STEP_KINDS and spec.recipe in (None, *RECIPE_KINDS), spec
+    assert (spec.recipe is None) == (spec.stage_count is None), spec
+    assert spec.stage_count is None or spec.stage_count in hyperparameters, spec
     return spec
 
 
+# The variant is bound here, in the table: the loss never receives a method name.
+_TDPO1 = functools.partial(tdpo_loss, variant="tdpo1")
+_TDPO2 = functools.partial(tdpo_loss, variant="tdpo2")
+
 _TDPO_COMMON = dict(
-    loss=tdpo_loss,
     paper="Zeng et al. 2024, Token-level Direct Preference Optimization, arXiv:2404.11999",
     reference="online",
     token_kl=True,
@@ -402,25 +424,27 @@ _SPECS = [
         formula="max(0, delta - logp(y_w) + logp(y_l)) - lam * logp(y_ref)",
         loss=slic_loss,
         reference="none",
-        procedure="slic_target",
+        step="slic",
     ),
     _spec(
         "tdpo1",
-        _compute_tdpo,
+        functools.partial(_compute_tdpo, loss=_TDPO1),
         {"beta": _BETA},
         title="Token-level DPO, variant 1 (TDPO1)",
         formula="nls(beta * (h - (D_l - D_w))), D = sum_t KL(ref || policy) over the vocabulary",
+        loss=_TDPO1,
         **_TDPO_COMMON,
     ),
     _spec(
         "tdpo2",
-        _compute_tdpo,
+        functools.partial(_compute_tdpo, loss=_TDPO2),
         {
             "beta": _BETA,
             "alpha": Hyperparameter(0.5, float, "weight of the token-level KL margin", 0.0),
         },
         title="Token-level DPO, variant 2 (TDPO2, recommended)",
         formula="nls(beta * (h - alpha * (D_l - sg(D_w)))), D = sum_t KL(ref || policy)",
+        loss=_TDPO2,
         **_TDPO_COMMON,
     ),
     _spec(
@@ -447,7 +471,7 @@ _SPECS = [
         loss=kto_loss,
         reference="logps",
         data="unpaired",
-        procedure="kto_baseline",
+        step="kto",
     ),
     _spec(
         "ipo",
@@ -491,7 +515,8 @@ _SPECS = [
         loss=spin_loss,
         reference="logps",
         data="sft",
-        procedure="spin",
+        recipe="spin",
+        stage_count="iterations",
     ),
     _spec(
         "segment_dpo",
@@ -504,18 +529,20 @@ _SPECS = [
         loss=dpo_loss,
         reference="logps",
         data="multiturn_pairs",
-        procedure="segment",
+        step="segment",
     ),
     _spec(
         "stepwise_dpo",
         _compute_dpo,
         {
             "beta": _BETA,
-            "steps": Hyperparameter(2, int, "number of data chunks (training stages)", 1),
+            "chunks": Hyperparameter(
+                2, int, "number of data chunks (training runs; ignored with a `chunk` column)", 1
+            ),
             "order": Hyperparameter(
                 "data",
                 str,
-                "chunks without a `step` column: in data order, or easy_to_hard (largest "
+                "chunks without a `chunk` column: in data order, or easy_to_hard (largest "
                 "starting-model margin ref(y_w) - ref(y_l) first)",
                 choices=("data", "easy_to_hard"),
             ),
@@ -525,7 +552,8 @@ _SPECS = [
         formula="nls(beta * h), ref = the model after the previous data chunk",
         loss=dpo_loss,
         reference="logps",
-        procedure="stepwise",
+        recipe="stepwise",
+        stage_count="chunks",
     ),
     _spec(
         "simpo",
@@ -631,8 +659,10 @@ def _needs(spec: MethodSpec) -> str:
     if spec.scores:
         parts.append("a score per response")
     parts.append(f"data: {spec.data}")
-    if spec.procedure:
-        parts.append(f"procedure: {spec.procedure}")
+    if spec.recipe:
+        parts.append(f"recipe: {spec.recipe} ({spec.stage_count} runs)")
+    elif spec.step != "pairwise":
+        parts.append(f"step: {spec.step}")
     return "; ".join(parts)
 
 

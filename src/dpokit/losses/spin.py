@@ -35,7 +35,7 @@ def spin_loss(
         ``lam * rho``, detached).
 
     Traps: the iteration (generate with pi_t at temperature 1, train from pi_t with reference
-    pi_t, repeat) is the engine's SPIN procedure; every iteration starts at ln 2.
+    pi_t, repeat) is the SPIN recipe (dpokit.recipes.spin); every iteration starts at ln 2.
     """
     check_range("lam", lam, 0.0, low_open=True)  # checked here so the message says lam, not beta
     return dpo_loss(

@@ -12,14 +12,14 @@ settings), so a resumed run trains on the same targets. A sample cut by the leng
 EOS; it is scored as it is.
 
 Batches then carry the targets as a third block of rows (:class:`TargetPairCollator`): chosen,
-rejected, target -- one forward for all three, and :func:`~dpokit.procedures.pairwise.pairwise_step`
-hands the third block to the loss as ``policy_target_logps``.
+rejected, target -- one forward for all three, and
+:func:`~dpokit.steps.pairwise.pairwise_batch_loss` hands the third block to the loss as
+``policy_target_logps``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,9 +32,12 @@ from datasets import List, Value
 
 from dpokit.data import PairCollator, prepare_pairs
 from dpokit.data.packing import pair_collator
+from dpokit.generation import generate_completions
+from dpokit.hashing import derive_fingerprint, json_digest
 from dpokit.modeling import is_peft_model, load_model
-from dpokit.procedures.pairwise import pairwise_step
 from dpokit.reference import model_identity
+from dpokit.steps.base import Procedure
+from dpokit.steps.pairwise import pairwise_batch_loss
 
 logger = logging.getLogger("dpokit")
 
@@ -119,14 +122,14 @@ def attach_reference_samples(trainer) -> None:
             TARGET_COLUMN,
             targets,
             feature=List(Value("int32")),
-            new_fingerprint=_digest([data.fingerprint, samples_key(trainer, data)]),
+            new_fingerprint=derive_fingerprint(data.fingerprint, samples_key(trainer, data)),
         )
 
 
 def samples_key(trainer, data) -> str:
     """What decides the samples: the sampling model's weights, the data, the settings."""
     config, hp = trainer.config, trainer.hyperparameters
-    return _digest(
+    return json_digest(
         {
             "version": SAMPLES_VERSION,
             "model": model_identity(config.reference or config.model),
@@ -159,8 +162,6 @@ def reference_samples(trainer, data, split: str) -> list[list[int]]:
 
 def draw_samples(trainer, data) -> list[list[int]]:
     """Sample y_ref for every prompt of ``data`` from the reference model (no gradient)."""
-    from dpokit.generation import generate_completions
-
     config, hp = trainer.config, trainer.hyperparameters
     device = trainer.accelerator.device
     if config.reference is not None:
@@ -186,6 +187,7 @@ def draw_samples(trainer, data) -> list[list[int]]:
 
 
 def load_samples(path: Path, key: str, rows: int) -> list[list[int]] | None:
+    """The cached y_ref token ids of ``path`` when made for ``key`` and ``rows`` rows, else None."""
     if not path.exists():
         return None
     with path.open() as handle:
@@ -206,16 +208,11 @@ def save_samples(path: Path, key: str, targets: list[list[int]]) -> None:
     os.replace(tmp, path)
 
 
-def _digest(payload) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-# The parts of SLiC's Procedure (`dpokit.procedures.PROCEDURES["slic_target"]`).
-SLIC_PARTS = dict(
+# Pairs plus, with target=reference_sample, a third block of rows: prompt + sampled y_ref.
+SLIC_STEP = Procedure(
     prepare=prepare_pairs,
     collator=TargetPairCollator,
-    step=pairwise_step,
+    batch_loss=pairwise_batch_loss,
     setup=attach_reference_samples,
     packed_collator=packed_target_collator,
 )

@@ -27,7 +27,7 @@ import torch
 from dpokit.config import ConfigError
 from dpokit.data.unpaired import UnpairedCollator, prepare_unpaired
 from dpokit.losses import LossInputs, kto_weight_balance
-from dpokit.procedures.pairwise import StepContext, StepOutput
+from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 logger = logging.getLogger("dpokit")
 
@@ -106,7 +106,13 @@ def mismatched_kl_baseline(
         return mean.clamp(min=0).detach(), mean.detach()
 
 
-def kto_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+def kto_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """One micro-batch of B unpaired examples (see the module docstring for the equations).
+
+    ``batch``: an :class:`~dpokit.data.unpaired.UnpairedCollator` batch: ``input_ids`` etc.
+    ``(2B, T)`` (the examples, then their mismatched pairs), ``index`` ``(B,)``, ``label``
+    ``(B,)`` (1 = desirable). ``correct`` ``(B,)``: the log-ratio lies on its label's side of z0.
+    """
     n = batch["index"].shape[0]
     examples, mismatched = rows(batch, slice(0, n)), rows(batch, slice(n, 2 * n))
     estimate = ctx.hyperparameters["kl_baseline"] == "batch"
@@ -162,11 +168,11 @@ def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[mask].mean()
 
 
-# The parts of the KTO Procedure (`dpokit.procedures.PROCEDURES["unpaired"]`).
-KTO_PARTS = dict(
+# Unpaired examples with their mismatched pairs (z0), checked before loading, balance logged.
+KTO_STEP = Procedure(
     prepare=prepare_unpaired,
     collator=UnpairedCollator,
-    step=kto_step,
+    batch_loss=kto_batch_loss,
     check=check_kto_config,
     setup=warn_kto_balance,
 )

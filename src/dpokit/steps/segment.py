@@ -9,7 +9,7 @@ Nothing here is new code for the loss: :mod:`dpokit.data.multiturn` tokenizes ea
 turn and builds a completion mask that is True exactly on the segment's assistant tokens (each
 turn's EOS included), and :class:`~dpokit.data.multiturn.SegmentCollator` emits
 :class:`~dpokit.data.PairCollator`'s batch with that non-contiguous mask. The pairwise step
-(:func:`~dpokit.procedures.pairwise.pairwise_step`) then computes DPO unchanged: the scorer sums
+(:func:`~dpokit.steps.pairwise.pairwise_batch_loss`) then computes DPO unchanged: the scorer sums
 the log-probs of exactly the masked tokens (it gathers position t-1 for every masked token t, so
 gaps in the mask are fine), and a pre-computed reference table stores (chosen, rejected) segment
 log-probs per row as it does for pairs.
@@ -18,7 +18,10 @@ log-probs per row as it does for pairs.
 from __future__ import annotations
 
 from dpokit.data.multiturn import SegmentCollator, prepare_segments
-from dpokit.procedures.pairwise import pairwise_step
+from dpokit.steps.base import Procedure
+from dpokit.steps.pairwise import pairwise_batch_loss
 
-# The parts of the segment DPO Procedure (`dpokit.procedures.PROCEDURES["multiturn_pairs"]`).
-SEGMENT_PARTS = dict(prepare=prepare_segments, collator=SegmentCollator, step=pairwise_step)
+# Multi-turn pairs: segment masks from the data layer, DPO from the pairwise step.
+SEGMENT_STEP = Procedure(
+    prepare=prepare_segments, collator=SegmentCollator, batch_loss=pairwise_batch_loss
+)

@@ -6,37 +6,25 @@ TDPO1/2): which inputs each loss needs comes from its :class:`~dpokit.losses.Met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from dpokit.data import PairCollator, prepare_pairs
+from dpokit.data.packing import pair_collator
 from dpokit.logprobs import ScoreOutput, scorer_kwargs, sequence_kl_from_hidden
-from dpokit.losses import LossInputs, LossOutput, MethodSpec
+from dpokit.losses import LossInputs, LossOutput
+from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # scalar, differentiable
-    metrics: dict[str, torch.Tensor]  # detached scalars
-    losses: torch.Tensor  # (B,) detached, for evaluation
-    correct: torch.Tensor  # (B,) bool, chosen reward > rejected reward
+def pairwise_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """One micro-batch of B pairs: one forward over chosen and rejected rows, the reference's
+    log-probs (and token-level KL when the method needs it), then ``spec.compute``.
 
-
-@dataclass
-class StepContext:
-    """What a step needs besides the batch; built once by the engine."""
-
-    spec: MethodSpec
-    hyperparameters: dict
-    policy: torch.nn.Module  # CompletionScorer (possibly DDP-wrapped)
-    reference: object | None  # anything with .score(batch, return_hidden)
-    policy_head: torch.nn.Module | None = None  # LM heads for TDPO's token-level KL
-    reference_head: torch.nn.Module | None = None
-    chunk_size: int = 1024
-    accelerator: object | None = None  # for collectives (e.g. KTO's cross-process baseline)
-
-
-def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    ``batch``: a :class:`~dpokit.data.PairCollator` batch (or a packed one): ``input_ids`` etc.
+    ``(2B, T)`` (chosen rows, then rejected rows; a third block of B rows is SLiC's sampled y_ref),
+    ``index`` ``(B,)``, optional ``score_chosen``/``score_rejected`` ``(B,)``. ``correct`` is
+    chosen reward > rejected reward. Raises ``ValueError`` (from the loss) when an input the
+    method needs is missing.
+    """
     spec = ctx.spec
     policy_out: ScoreOutput = ctx.policy(
         batch["input_ids"],  # (2B, T): chosen rows, then rejected rows [, SLiC's y_ref rows]
@@ -46,7 +34,7 @@ def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutpu
         return_hidden=spec.token_kl,
     )
     pairs = batch["index"].shape[0]
-    # (B,) each; a third block, when present, is SLiC's sampled y_ref (procedures/slic.py)
+    # (B,) each; a third block, when present, is SLiC's sampled y_ref (steps/slic.py)
     policy_chosen, policy_rejected, *policy_target = policy_out.logps.split(pairs)
     chosen_lengths, rejected_lengths, *_ = policy_out.token_counts.split(pairs)
     inputs = LossInputs(
@@ -78,6 +66,9 @@ def pairwise_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutpu
 
 
 def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]:
+    """The logged scalars of a pairwise batch: loss, rewards, reward accuracy and margins,
+    log-probs, log-ratios to the reference and token-level KL when present, plus the loss's own
+    ``metrics``. Every value is a detached 0-d tensor (a mean over the batch's B pairs)."""
     chosen, rejected = out.chosen_rewards, out.rejected_rewards  # (B,) detached
     metrics = {
         "loss": out.losses.detach().mean(),
@@ -104,3 +95,12 @@ def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]
     for name, value in (out.metrics or {}).items():
         metrics[name] = value.detach().float().mean()
     return metrics
+
+
+# Preference pairs, collated as two rows per pair or packed (dpokit.data.packing).
+PAIRWISE_STEP = Procedure(
+    prepare=prepare_pairs,
+    collator=PairCollator,
+    batch_loss=pairwise_batch_loss,
+    packed_collator=pair_collator,
+)

@@ -14,7 +14,7 @@ Iteration t = 0..N-1, with pi_0 = the starting (SFT) model:
    giving pi_{t+1}. Every iteration's first loss is ln 2.
 
 The pairs are an ordinary preference data set (``prompt``/``chosen``/``rejected``, strings or
-message lists), trained by the pairwise procedure, so every engine feature applies per iteration.
+message lists), trained by the pairwise step, so every engine feature applies per iteration.
 Generated answers are decoded to text and re-tokenized with the data pipeline, as the authors' code
 does: the rejected side is scored on the canonical tokens of the sampled text. Empty answers (the
 model emitted EOS at once) cannot be a completion and are left out of the pairs (counted).
@@ -28,7 +28,7 @@ Files::
 A resumed run reuses an interrupted iteration's generations (its checkpoint's data position refers
 to them). With several processes the generation batches are dealt out to them and gathered (the
 answers do not depend on the number of processes); vLLM is not used. Layout, resume and
-``OUTPUT/final``: :mod:`dpokit.procedures.stages`.
+``OUTPUT/final``: :mod:`dpokit.recipes.stages`.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM
 
 from dpokit.config import ConfigError, TrainConfig
-from dpokit.data import DataError
+from dpokit.data import DataConfig, DataError
 from dpokit.data.formats import detect_format
 from dpokit.data.loading import load_source
-from dpokit.data.pipeline import _column_kinds
+from dpokit.data.rows import dataset_column_kinds
 from dpokit.data.sft import SFTExample, prepare_sft
 from dpokit.generation import generate_completions
 from dpokit.losses import get_method
 from dpokit.modeling import load_tokenizer, resolve_dtype
-from dpokit.procedures.stages import check_stage_config, run_stages, write_text
+from dpokit.recipes.stages import check_stage_config, run_stages, write_text
 
 logger = logging.getLogger("dpokit")
 
@@ -75,9 +75,13 @@ class SFTPrompts:
 
 def run_spin(config: TrainConfig):
     """Train ``config.model`` with SPIN on the SFT rows of ``config.data``; returns a TrainResult
-    whose ``final_dir`` is ``OUTPUT/final`` (the last iteration's model)."""
-    from dpokit.procedures import PROCEDURES  # this module is imported by dpokit.procedures
+    whose ``final_dir`` is ``OUTPUT/final`` (the last iteration's model).
 
+    Each iteration trains the pairs with the method table's ``spin`` entry (its ``step`` is the
+    pairwise one). Raises :class:`~dpokit.config.ConfigError` for ``reference`` or ``eval_data``
+    (every iteration sets its own reference and holds out part of its own pairs), and
+    ``RuntimeError`` when every generated answer is empty.
+    """
     check_stage_config(config)
     if config.eval_data:
         raise ConfigError(
@@ -105,21 +109,21 @@ def run_spin(config: TrainConfig):
         state.wait_for_everyone()
         return str(directory / PAIRS_FILE)
 
-    spec = get_method(config.method)
-    return run_stages(config, names, make_data, spec=spec, procedure=PROCEDURES["pairs"])
+    return run_stages(config, names, make_data, spec=get_method(config.method))
 
 
 def read_sft(config: TrainConfig, tokenizer) -> SFTPrompts:
-    """Validate and tokenize the SFT rows (errors name the file and line) and normalize them."""
-    from dpokit.engine import data_config  # the engine imports dpokit.procedures
+    """Validate and tokenize the SFT rows (errors name the file and line) and normalize them.
 
-    settings = data_config(config, require_scores=False)
+    Raises :class:`~dpokit.data.DataError` for bad rows.
+    """
+    settings = DataConfig.from_train_config(config)
     prepared = prepare_sft(config.data, tokenizer, settings, config.data_split)
     source = load_source(config.data, settings, config.data_split)
     dataset = source.dataset.with_format(None)
     if len(prepared) != len(dataset):  # prepare_sft drops nothing: row i is prepared row i
         raise DataError(f"{len(dataset)} rows read, {len(prepared)} prepared", source.name)
-    fmt = detect_format(_column_kinds(dataset), settings, task="sft")
+    fmt = detect_format(dataset_column_kinds(dataset), settings, task="sft")
     examples = [fmt.normalize(row, settings) for row in dataset]
     return SFTPrompts(examples, [list(ids) for ids in prepared.dataset["prompt_input_ids"]])
 
@@ -180,6 +184,8 @@ def generate_answers(
 
 
 def generations_jsonl(examples: list[SFTExample], answers: list[str], finished: list[bool]) -> str:
+    """The generations file's JSON lines: index, prompt, real (human) and generated answer, and
+    whether the generated one ended with EOS."""
     lines = []
     for index, (example, answer, done) in enumerate(zip(examples, answers, finished, strict=True)):
         record = {

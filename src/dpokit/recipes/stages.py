@@ -37,6 +37,7 @@ from accelerate import PartialState
 
 from dpokit.checkpoint import latest_checkpoint
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.engine import Trainer, TrainResult
 
 logger = logging.getLogger("dpokit")
 
@@ -48,7 +49,10 @@ MakeData = Callable[[int, Path, str], str]
 
 
 def check_stage_config(config: TrainConfig) -> None:
-    """Each stage's reference is the previous stage's model; a fixed reference contradicts it."""
+    """Each stage's reference is the previous stage's model; a fixed reference contradicts it.
+
+    Raises :class:`~dpokit.config.ConfigError` when ``config.reference`` is set.
+    """
     if config.reference is not None:
         raise ConfigError(
             f"method {config.method} sets every stage's reference itself (the model the previous "
@@ -61,15 +65,15 @@ def run_stages(
     names: list[str],
     make_data: MakeData,
     spec=None,
-    procedure=None,
-):
+) -> TrainResult:
     """Run one Trainer per name in order, chaining models; returns the whole run's TrainResult.
+
+    ``make_data(index, directory, start_model)`` writes stage ``index``'s data and returns its
+    path; ``spec`` overrides the method table's entry for ``config.method`` in every stage.
 
     ``history`` holds the records of the stages trained by this call, each tagged with ``stage``;
     ``global_step`` counts the optimizer steps of all stages, skipped ones included.
     """
-    from dpokit.engine import Trainer, TrainResult  # the engine imports this package
-
     state = PartialState()
     output = Path(config.output_dir)
     start_run(config, names, state)
@@ -89,7 +93,7 @@ def run_stages(
         data = make_data(index, directory, model)
         stage = stage_config(config, directory, model, data)
         logger.info("%s: training from %s (also the reference) on %s", name, model, data)
-        result = Trainer(stage, spec=spec, procedure=procedure).train()
+        result = Trainer(stage, spec=spec).train()
         trained = True
         history += [{**record, "stage": name} for record in result.history]
         total_steps, skipped = total_steps + result.global_step, skipped + result.skipped_batches
@@ -144,6 +148,7 @@ def stage_config(config: TrainConfig, directory: Path, model: str, data: str) ->
 
 
 def next_model(directory: Path, config: TrainConfig) -> Path:
+    """The model a finished stage hands on: ``final/``, or with LoRA ``final-merged/``."""
     return directory / ("final-merged" if config.lora else "final")
 
 
@@ -198,6 +203,7 @@ def merge_metrics(output: Path, names: list[str]) -> Path:
 
 
 def write_json(path: Path, payload) -> None:
+    """``payload`` as indented JSON, written atomically (:func:`write_text`)."""
     write_text(path, json.dumps(payload, indent=1) + "\n")
 
 

@@ -1,15 +1,15 @@
-"""Supervised fine-tuning as an engine procedure: NLL of the completion tokens.
+"""Supervised fine-tuning as a per-batch step: NLL of the completion tokens.
 
     loss = - sum_{n, t in completion(n)} log pi(y_t | x, y_<t)  /  sum_n |completion(n)|
 
 i.e. the token-averaged negative log-likelihood of each micro-batch, from the same
 :class:`~dpokit.logprobs.CompletionScorer` the preference methods use (summed log-probs and token
-counts). ``Trainer(config, spec=SFT_SPEC, procedure=SFT_PROCEDURE)`` runs it with every engine
-feature (accumulation, checkpoints, resume, LoRA, eval split); :func:`run_sft` is that call.
+counts). ``Trainer(config, spec=SFT_SPEC)`` runs it with every engine feature (accumulation,
+checkpoints, resume, LoRA, eval split); :func:`dpokit.recipes.sft.run_sft` is that call.
 
-SFT is not a preference method, so :data:`SFT_SPEC` is not in :data:`dpokit.losses.METHODS`, and
-``PROCEDURES`` is not keyed by it: ``PROCEDURES["sft"]`` would make SPIN (whose data are SFT rows)
-silently train NLL instead of its own rounds.
+SFT is not a preference method, so :data:`SFT_SPEC` is not in :data:`dpokit.losses.METHODS`; it
+names ``STEPS["sft"]`` by its ``step`` field, and no method of the table does (SPIN's rows are SFT
+data too, but its table entry names the pairwise step its rounds train with).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from dpokit.data.sft import SFTCollator, prepare_sft
 from dpokit.losses import LossInputs, LossOutput, MethodSpec
-from dpokit.procedures.pairwise import StepContext, StepOutput
+from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 
 def sft_loss(policy_logps: torch.Tensor, token_counts: torch.Tensor) -> LossOutput:
@@ -46,11 +46,16 @@ SFT_SPEC = MethodSpec(
     token_kl=False,
     scores=False,
     data="sft",
+    step="sft",
 )
 
 
-def sft_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
-    """One micro-batch: token-averaged NLL over all completion tokens of the batch."""
+def sft_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """One micro-batch: token-averaged NLL over all completion tokens of the batch.
+
+    ``batch``: an :class:`~dpokit.data.sft.SFTCollator` batch, ``input_ids`` etc. ``(B, T)``.
+    ``losses`` ``(B,)``: each example's NLL per token; ``correct`` is all False (no pairs).
+    """
     out = ctx.policy(
         batch["input_ids"],  # (B, T)
         batch["attention_mask"],
@@ -71,30 +76,5 @@ def sft_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
     return StepOutput(loss=loss, metrics=metrics, losses=per_example, correct=correct)
 
 
-def sft_procedure():
-    """The SFT :class:`~dpokit.procedures.Procedure`: prepare_sft, SFTCollator, sft_step."""
-    # Built on first use: `dpokit.procedures` (which defines Procedure) imports drivers that may
-    # import this module while the package is itself still initialising.
-    from dpokit.procedures import Procedure
-
-    if "SFT_PROCEDURE" not in globals():
-        globals()["SFT_PROCEDURE"] = Procedure(
-            prepare=prepare_sft, collator=SFTCollator, step=sft_step
-        )
-    return globals()["SFT_PROCEDURE"]
-
-
-def __getattr__(name: str):
-    if name == "SFT_PROCEDURE":  # `from dpokit.procedures.sft import SFT_PROCEDURE` works too
-        return sft_procedure()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def run_sft(config):
-    """Fine-tune ``config.model`` on the SFT rows in ``config.data``; returns a TrainResult.
-
-    Method hyperparameters in ``config`` are ignored (SFT has none).
-    """
-    from dpokit.engine import Trainer
-
-    return Trainer(config, spec=SFT_SPEC, procedure=sft_procedure()).train()
+# SFT rows (prompt + completion, or messages), collated one way.
+SFT_STEP = Procedure(prepare=prepare_sft, collator=SFTCollator, batch_loss=sft_batch_loss)

@@ -1,19 +1,21 @@
 """Stepwise DPO, sDPO (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once", arXiv:2403.19270).
 
-The preference data is split into K steps. M_0 = the starting (SFT) model; step t = 1..K starts from
-M_{t-1}, uses M_{t-1} frozen as the reference and trains plain DPO on chunk t, giving M_t::
+The preference data is split into K chunks. M_0 = the starting (SFT) model; run t = 1..K starts
+from M_{t-1}, uses M_{t-1} frozen as the reference and trains plain DPO on chunk t, giving M_t::
 
     loss_t = -log sigmoid(beta * ((logp(y_w) - ref_t(y_w)) - (logp(y_l) - ref_t(y_l)))),
     ref_t = M_{t-1}
 
-so every step's first loss is ln 2, and K = 1 is exactly DPO. The loss is DPO's (the method table's
-``stepwise_dpo`` entry uses ``dpo_loss``); only the reference moves.
+so every run's first loss is ln 2, and K = 1 is exactly DPO. The loss is DPO's (the method table's
+``stepwise_dpo`` entry uses ``dpo_loss``); only the reference moves. (The paper calls the chunks
+"steps"; here a step is always an optimizer step.)
 
-How the rows are split (:func:`plan_steps`):
+How the rows are split (:func:`plan_chunks`):
 
-- a ``step`` column (integers): one step per distinct value, in increasing order (the values need
-  not be contiguous); ``steps`` is then ignored.
-- otherwise ``steps=K`` contiguous chunks of (almost) equal size (the first ``N mod K`` chunks get
+- a ``chunk`` column (integers; ``step``, the column's earlier name, is read too): one chunk per
+  distinct value, in increasing order (the values need not be contiguous); ``chunks`` is then
+  ignored.
+- otherwise ``chunks=K`` contiguous chunks of (almost) equal size (the first ``N mod K`` chunks get
   one row more), in data order (``order=data``), or
 - ``order=easy_to_hard``: rows sorted by the starting model's implicit reward margin
   ``margin = ref(y_w) - ref(y_l)`` (summed completion log-probs under M_0, i.e. the DPO reward
@@ -23,10 +25,10 @@ How the rows are split (:func:`plan_steps`):
   dataset (easier dataset first) and measures easiness with the reference model's reward; this
   per-row version is our reading of it.
 
-Each step is an ordinary Trainer run in ``OUTPUT/step-t`` on ``OUTPUT/step-t/data.jsonl`` (that
-step's rows, as read from the source); ``OUTPUT/steps.json`` records the split (rows, margins) so a
-resumed run trains the same chunks. Training settings (``num_epochs``, ``max_steps``, warmup and
-the schedule) apply to each step. Layout and resume: :mod:`dpokit.procedures.stages`.
+Each chunk is an ordinary Trainer run in ``OUTPUT/chunk-t`` on ``OUTPUT/chunk-t/data.jsonl`` (that
+chunk's rows, as read from the source); ``OUTPUT/chunks.json`` records the split (rows, margins) so
+a resumed run trains the same chunks. Training settings (``num_epochs``, ``max_steps``, warmup and
+the schedule) apply to each run. Layout and resume: :mod:`dpokit.recipes.stages`.
 """
 
 from __future__ import annotations
@@ -42,26 +44,29 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 
 from dpokit.config import ConfigError, TrainConfig
-from dpokit.data import DataError, PairCollator, prepare_pairs
+from dpokit.data import DataConfig, DataError, PairCollator, prepare_pairs
 from dpokit.data.loading import load_source
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.modeling import load_model, load_tokenizer, resolve_dtype
-from dpokit.procedures.stages import check_stage_config, run_stages, write_text
+from dpokit.recipes.stages import check_stage_config, run_stages, write_text
 from dpokit.reference import FrozenReference, compute_reference_logps
 
 logger = logging.getLogger("dpokit")
 
-STEP_COLUMN = "step"
-PLAN_FILE = "steps.json"
+CHUNK_COLUMN = "chunk"
+# Columns that give each row's chunk, first found wins: ``step`` is the paper's (and this
+# library's earlier) name, still read so existing data works.
+CHUNK_COLUMNS = (CHUNK_COLUMN, "step")
+PLAN_FILE = "chunks.json"
 
 
 @dataclasses.dataclass
-class StepPlan:
-    """Which source rows each step trains on.
+class ChunkPlan:
+    """Which source rows each chunk holds.
 
-    ``rows[t]``: 0-based row numbers of the source (data order) for step t + 1. ``labels``: the
-    ``step`` column value of each step, or 1..K. ``margins``: per source row ref(y_w) - ref(y_l)
+    ``rows[t]``: 0-based row numbers of the source (data order) for chunk t + 1. ``labels``: the
+    chunk column's value of each chunk, or 1..K. ``margins``: per source row ref(y_w) - ref(y_l)
     under the starting model when ``order == "easy_to_hard"``, else None.
     """
 
@@ -73,12 +78,17 @@ class StepPlan:
     margins: list[float] | None = None
 
     def to_dict(self) -> dict:
+        """The plan as JSON-ready values (what ``chunks.json`` holds)."""
         return dataclasses.asdict(self)
 
 
 def run_stepwise(config: TrainConfig):
     """Train ``config.model`` on ``config.data`` with stepwise DPO; returns a TrainResult whose
-    ``final_dir`` is ``OUTPUT/final`` (the last step's model)."""
+    ``final_dir`` is ``OUTPUT/final`` (the last chunk's model).
+
+    Raises :class:`~dpokit.config.ConfigError` for a fixed ``reference``, or on resume when the
+    saved plan was made for other data or settings; :class:`~dpokit.data.DataError` for bad rows.
+    """
     check_stage_config(config)
     state = PartialState()
     output = Path(config.output_dir)
@@ -87,12 +97,12 @@ def run_stepwise(config: TrainConfig):
     plan = _saved_plan(plan_file, config, source) if config.resume else None
     if plan is None:
         if state.is_main_process:
-            write_text(plan_file, json.dumps(plan_steps(config, source).to_dict()) + "\n")
+            write_text(plan_file, json.dumps(plan_chunks(config, source).to_dict()) + "\n")
         state.wait_for_everyone()
-        plan = StepPlan(**json.loads(plan_file.read_text()))
-    names = [f"step-{t}" for t in range(1, len(plan.rows) + 1)]
+        plan = ChunkPlan(**json.loads(plan_file.read_text()))
+    names = [f"chunk-{t}" for t in range(1, len(plan.rows) + 1)]
     logger.info(
-        "stepwise DPO: %d steps (%s, order=%s) of %s rows",
+        "stepwise DPO: %d chunks (%s, order=%s) of %s rows",
         len(names),
         plan.split,
         plan.order,
@@ -109,13 +119,18 @@ def run_stepwise(config: TrainConfig):
     return run_stages(config, names, make_data)
 
 
-def plan_steps(config: TrainConfig, source=None) -> StepPlan:
-    """Validate the whole data set (errors name the source file and line) and split it in steps."""
+def plan_chunks(config: TrainConfig, source=None) -> ChunkPlan:
+    """Validate the whole data set (errors name the source file and line) and split it in chunks.
+
+    Raises :class:`~dpokit.data.DataError` for bad rows or a non-integer chunk value, and
+    :class:`~dpokit.config.ConfigError` for ``order=easy_to_hard`` with a chunk column or more
+    chunks than rows.
+    """
     hyperparameters = config.method_args
     settings = _data_settings(config)
     source = source or load_source(config.data, settings, config.data_split)
     tokenizer = load_tokenizer(config.model, config.chat_template)
-    # Identical pairs are kept here so that prepared row i is source row i; each step's own
+    # Identical pairs are kept here so that prepared row i is source row i; each chunk's own
     # preparation applies identical_pairs as configured.
     keep_all = dataclasses.replace(settings, identical_pairs="keep")
     prepared = prepare_pairs(config.data, tokenizer, keep_all, config.data_split)
@@ -124,51 +139,61 @@ def plan_steps(config: TrainConfig, source=None) -> StepPlan:
             f"{source.name}: {len(source.dataset)} rows read but {len(prepared)} prepared"
         )
     order = hyperparameters["order"]
-    if STEP_COLUMN in source.dataset.column_names:
+    column = chunk_column(source.dataset.column_names)
+    if column is not None:
         if order != "data":
             raise ConfigError(
-                f"{source.name} has a {STEP_COLUMN!r} column, which fixes the steps; "
+                f"{source.name} has a {column!r} column, which fixes the chunks; "
                 f"order={order} only applies to splitting data without one"
             )
-        labels, rows = split_by_column(source)
-        if len(labels) != hyperparameters["steps"]:
+        labels, rows = split_by_column(source, column)
+        if len(labels) != hyperparameters["chunks"]:
             logger.warning(
-                "the %r column defines %d steps; steps=%d is ignored",
-                STEP_COLUMN,
+                "the %r column defines %d chunks; chunks=%d is ignored",
+                column,
                 len(labels),
-                hyperparameters["steps"],
+                hyperparameters["chunks"],
             )
-        return StepPlan(rows, labels, "column", order, source.fingerprint)
-    steps = hyperparameters["steps"]
-    if steps > len(prepared):
-        raise ConfigError(f"steps={steps} but {source.name} has only {len(prepared)} rows")
+        return ChunkPlan(rows, labels, "column", order, source.fingerprint)
+    chunks = hyperparameters["chunks"]
+    if chunks > len(prepared):
+        raise ConfigError(f"chunks={chunks} but {source.name} has only {len(prepared)} rows")
     margins = None
     ranking = np.arange(len(prepared))
     if order == "easy_to_hard":
         margins = reference_margins(config, prepared, tokenizer)
         ranking = np.argsort(-margins, kind="stable")  # largest margin (easiest) first
-    rows = [sorted(chunk.tolist()) for chunk in np.array_split(ranking, steps)]
-    labels = list(range(1, steps + 1))
+    rows = [sorted(chunk.tolist()) for chunk in np.array_split(ranking, chunks)]
+    labels = list(range(1, chunks + 1))
     margin_list = None if margins is None else margins.tolist()
-    return StepPlan(rows, labels, "chunks", order, source.fingerprint, margin_list)
+    return ChunkPlan(rows, labels, "chunks", order, source.fingerprint, margin_list)
 
 
-def split_by_column(source) -> tuple[list[int], list[list[int]]]:
-    """(sorted distinct step values, source rows of each), checking every value is an integer."""
-    values = source.dataset[STEP_COLUMN]
+def chunk_column(columns: list[str]) -> str | None:
+    """The column of ``columns`` that gives each row's chunk (``chunk``, else ``step``), or
+    None."""
+    return next((name for name in CHUNK_COLUMNS if name in columns), None)
+
+
+def split_by_column(source, column: str = CHUNK_COLUMN) -> tuple[list[int], list[list[int]]]:
+    """(sorted distinct chunk values, source rows of each) from ``column``.
+
+    Raises :class:`~dpokit.data.DataError` naming the row when a value is not an integer.
+    """
+    values = source.dataset[column]
     for index, value in enumerate(values):
         integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not integral:
             row, kind = source.locator.locate(index)
             raise DataError(
-                f"field {STEP_COLUMN!r} must be an integer step number, got {value!r}",
+                f"field {column!r} must be an integer chunk number, got {value!r}",
                 source.name,
                 row,
                 kind,
             )
-    steps = np.asarray(values, dtype=np.int64)
-    labels = sorted(set(steps.tolist()))
-    return labels, [np.flatnonzero(steps == label).tolist() for label in labels]
+    chunks = np.asarray(values, dtype=np.int64)
+    labels = sorted(set(chunks.tolist()))
+    return labels, [np.flatnonzero(chunks == label).tolist() for label in labels]
 
 
 @torch.no_grad()
@@ -195,23 +220,21 @@ def rows_jsonl(dataset, rows: list[int]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in subset)
 
 
-def _saved_plan(path: Path, config: TrainConfig, source) -> StepPlan | None:
+def _saved_plan(path: Path, config: TrainConfig, source) -> ChunkPlan | None:
     """The plan an interrupted run made, if it fits this run's data and settings."""
     if not path.exists():
         return None
-    plan = StepPlan(**json.loads(path.read_text()))
+    plan = ChunkPlan(**json.loads(path.read_text()))
     same_split = plan.order == config.method_args["order"] and (
-        plan.split == "column" or len(plan.rows) == config.method_args["steps"]
+        plan.split == "column" or len(plan.rows) == config.method_args["chunks"]
     )
     if plan.source_fingerprint != source.fingerprint or not same_split:
         raise ConfigError(
-            f"resume: {path} was made for other data or other steps/order settings; "
+            f"resume: {path} was made for other data or other chunks/order settings; "
             "start a fresh run (resume=false) or restore them"
         )
     return plan
 
 
-def _data_settings(config: TrainConfig):
-    from dpokit.engine import data_config  # the engine imports this package
-
-    return data_config(config, require_scores=get_method(config.method).scores)
+def _data_settings(config: TrainConfig) -> DataConfig:
+    return DataConfig.from_train_config(config, require_scores=get_method(config.method).scores)

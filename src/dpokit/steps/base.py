@@ -1,0 +1,81 @@
+"""What a per-batch step is: the :class:`Procedure` the engine runs for one kind of data.
+
+The engine calls ``procedure.batch_loss(context, batch)`` once per micro-batch and gets a
+:class:`StepOutput` back; it never asks which method it trains. ("Step" in ``dpokit.steps`` is a
+step of the engine's loop body, one micro-batch; the optimizer step is the engine's.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.losses import MethodSpec
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch gives the engine.
+
+    Attributes:
+        loss: scalar, differentiable: what the engine back-propagates.
+        metrics: name -> detached scalar tensor, averaged over micro-batches and processes.
+        losses: ``(B,)`` detached per-example losses (B = pairs or examples of the batch).
+        correct: ``(B,)`` bool: the example counts as ranked right (reward accuracy).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    losses: torch.Tensor
+    correct: torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """What a per-batch step needs besides the batch; built once per split by the engine.
+
+    Attributes:
+        spec: the method's table entry (its ``compute`` gives the loss).
+        hyperparameters: the method's hyperparameters (resolved or partial).
+        policy: a :class:`~dpokit.logprobs.CompletionScorer`, possibly wrapped (DDP, FSDP).
+        reference: anything with ``score(batch, return_hidden) -> ScoreOutput``, or None.
+        policy_head, reference_head: the LM heads, for TDPO's token-level KL.
+        chunk_size: tokens per chunk of the chunked LM head.
+        accelerator: for collectives (e.g. KTO's cross-process reference point), or None.
+    """
+
+    spec: MethodSpec
+    hyperparameters: dict
+    policy: torch.nn.Module
+    reference: object | None
+    policy_head: torch.nn.Module | None = None
+    reference_head: torch.nn.Module | None = None
+    chunk_size: int = 1024
+    accelerator: object | None = None
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """How the engine trains one kind of data.
+
+    Attributes:
+        prepare: ``(source, tokenizer, DataConfig, split) -> PreparedData``.
+        collator: ``(pad_token_id) -> collate_fn``.
+        batch_loss: ``(StepContext, batch) -> StepOutput``: one micro-batch's forward and loss.
+        check: optional ``check(config, spec)``, called before anything loads: raise
+            :class:`~dpokit.config.ConfigError` for a config this procedure cannot run.
+        setup: optional ``setup(trainer)``, called once data and policy exist and before the
+            data loaders are built (data warnings, extra columns such as SLiC's sampled targets).
+        packed_collator: ``(pad_token_id, packing, packing_length, attention_cost=...)`` for
+            ``config.packing`` other than ``"none"`` (:mod:`dpokit.data.packing`); None: this kind
+            of data is collated one way only.
+    """
+
+    prepare: Callable
+    collator: Callable
+    batch_loss: Callable[[StepContext, dict], StepOutput]
+    check: Callable | None = None
+    setup: Callable | None = None
+    packed_collator: Callable | None = None
