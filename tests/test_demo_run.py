@@ -10,7 +10,7 @@ import pytest
 from dpokit.cli import main
 from dpokit.config import ConfigError
 from dpokit.demo.arena import README_END, README_START
-from dpokit.demo.demo import demo_config
+from dpokit.demo.settings import demo_config
 
 # Small enough for CI, large enough that DPO measurably beats the SFT model.
 SMALL = [
