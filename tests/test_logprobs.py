@@ -411,7 +411,7 @@ def test_hooked_head_blocks_fast_path(tiny_model, batch):
 
 def test_self_check_switches_to_exact_path(tiny_model, batch, monkeypatch, caplog):
     """A transform nothing announces is caught by the one-time numeric check."""
-    import dpokit.logprobs as lp
+    import dpokit.logprobs.scorer as lp
 
     monkeypatch.setattr(lp, "_fast_path_blocker", lambda model: None)
     original = tiny_model.forward

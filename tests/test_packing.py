@@ -27,11 +27,11 @@ from dpokit.engine import Trainer
 from dpokit.logprobs import (
     CompletionScorer,
     SoftmaxWorkspace,
-    _right_padded,
     chunked_token_logps,
     packed_attention_mask,
     scorer_kwargs,
 )
+from dpokit.logprobs.scorer import _right_padded
 from dpokit.metrics import read_metrics
 from dpokit.tiny import build_tiny_model
 

@@ -6,114 +6,242 @@ unknown methods all raise :class:`ConfigError`.
 
 Method hyperparameters (``beta``, ``lam``, ``eps`` ...) may be given at the top level or under
 ``method_args``; which keys a method accepts comes from its entry in :data:`dpokit.losses.METHODS`.
+
+Each ``TrainConfig`` field carries its one-line help, group, type and range or choices as field
+metadata; one loop (:func:`validate`) converts and checks every field with the converter that
+checks method hyperparameters (:mod:`dpokit.losses.hyperparameters`), so both accept the same
+spellings (``1e-6``, ``yes``/``off``, ``4.0`` for an int) and both refuse NaN and infinity.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dpokit.losses import get_method, resolve_hyperparameters
+from dpokit.losses import MethodSpec, get_method, resolve_hyperparameters
+from dpokit.losses.hyperparameters import check_value, normalise_choice
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": ("adamw", "rmsprop"),
-    "lr_scheduler": ("linear", "cosine", "constant"),
-    "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "reference_mode": ("auto", "model", "adapter", "precomputed", "none"),
-    "truncation": ("truncate", "error"),
-    "identical_pairs": ("keep", "drop"),
-    "bad_scores": ("drop", "error"),
-    "report_to": ("none", "tensorboard", "wandb", "all"),
-    "nonfinite": ("stop", "skip"),
-    "packing": ("auto", "none", "shared_prompt", "padding_free"),
-}
+GROUPS = ("run", "data", "optimisation", "reference", "memory", "logging")
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; raised before anything is loaded."""
 
 
+def _key(
+    default: Any,
+    group: str,
+    help: str,
+    *,
+    kind: type | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A TrainConfig field: its default, and as metadata what the check loop and ``--help`` read.
+
+    ``kind`` defaults to the default's type; a field whose default is None also accepts None.
+    Numbers may have a range ``low``..``high`` (``*_open``: that end excluded), strings
+    ``choices``.
+    """
+    assert group in GROUPS, group
+    metadata = {
+        "help": help,
+        "group": group,
+        "type": kind or type(default),
+        "optional": default is None,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": choices,
+    }
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_POSITIVE = dict(low=0.0, low_open=True)
+_FRACTION = dict(low=0.0, high=1.0, high_open=True)  # [0, 1)
+
+
 @dataclass
 class TrainConfig:
-    """Everything a ``dpokit train`` run needs. Field comments are the ``--help`` text."""
+    """Everything a ``dpokit train`` run needs.
 
-    # What to train
-    method: str = "dpo"  # a name from `dpokit methods`
-    model: str = ""  # local path or hub id of the starting policy
-    data: str = ""  # JSONL/JSON/Parquet/CSV file, saved dataset dir, or hub dataset name
-    reference: str | None = None  # reference model path/id; default: the starting policy
-    method_args: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
-    output_dir: str = "runs/dpokit"
+    Each field's metadata (``dataclasses.fields(TrainConfig)[i].metadata``) has ``help`` (one
+    line), ``group`` (one of :data:`GROUPS`), ``type`` (bool, int, float, str or dict),
+    ``optional`` (None allowed), ``low``/``high``/``low_open``/``high_open`` (the range of a
+    number, None: unbounded) and ``choices`` (a string's valid values, or None);
+    :func:`validate` converts and checks every field with them (:func:`check_field`).
+    """
 
-    # Data
-    data_split: str | None = None  # split to read from a multi-split dataset (default: train)
-    eval_data: str | None = None  # held-out file; otherwise eval_fraction of `data`
-    eval_fraction: float = 0.0
-    max_length: int = 1024  # prompt + completion tokens
-    max_prompt_length: int = 512
-    truncation: str = "truncate"  # over-long rows: truncate (counted) or error
-    identical_pairs: str = "keep"  # chosen == rejected: keep (counted) or drop (counted)
-    bad_scores: str = "error"  # ODPO ties / reversed scores: drop (counted) or error
-    chat_template: str | None = None  # Jinja template file overriding the tokenizer's
-    num_proc: int | None = None  # tokenization processes
+    method: str = _key("dpo", "run", "a name from `dpokit methods`")
+    model: str = _key("", "run", "local path or hub id of the starting policy")
+    data: str = _key(
+        "", "data", "JSONL/JSON/Parquet/CSV file, saved dataset dir, or hub dataset name"
+    )
+    reference: str | None = _key(
+        None, "reference", "reference model path/id; default: the starting policy", kind=str
+    )
+    method_args: dict[str, Any] = _key(
+        {}, "run", "method hyperparameters (they may also be given at the top level)"
+    )
+    output_dir: str = _key("runs/dpokit", "run", "run directory: checkpoints, metrics, model")
 
-    # Reference model
-    reference_mode: str = "auto"  # auto | model | adapter (LoRA off) | precomputed | none
-    reference_cache_dir: str | None = None  # default ~/.cache/dpokit/reference_logps
+    data_split: str | None = _key(
+        None, "data", "split to read from a multi-split dataset (default: train)", kind=str
+    )
+    eval_data: str | None = _key(
+        None, "data", "held-out file; otherwise eval_fraction of `data`", kind=str
+    )
+    eval_fraction: float = _key(0.0, "data", "share of `data` held out for eval", **_FRACTION)
+    max_length: int = _key(1024, "data", "prompt + completion tokens", low=1)
+    max_prompt_length: int = _key(512, "data", "prompt tokens kept (< max_length)", low=1)
+    truncation: str = _key(
+        "truncate",
+        "data",
+        "over-long rows: truncate (counted) or error",
+        choices=("truncate", "error"),
+    )
+    identical_pairs: str = _key(
+        "keep",
+        "data",
+        "chosen == rejected: keep (counted) or drop (counted)",
+        choices=("keep", "drop"),
+    )
+    bad_scores: str = _key(
+        "error",
+        "data",
+        "ODPO ties / reversed scores: drop (counted) or error",
+        choices=("drop", "error"),
+    )
+    chat_template: str | None = _key(
+        None, "data", "Jinja template file overriding the tokenizer's", kind=str
+    )
+    num_proc: int | None = _key(None, "data", "tokenization processes", kind=int)
 
-    # Model
-    dtype: str = "auto"  # weights dtype; auto = float32 (mixed precision does the rest)
-    mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, fp32 on CPU
-    gradient_checkpointing: bool = False
-    logps_chunk_size: int = 1024  # completion positions per LM-head chunk
-    logps_saved_softmax_mb: int = 512  # LM-head softmax kept for backward, not recomputed; 0: none
+    reference_mode: str = _key(
+        "auto",
+        "reference",
+        "auto | model | adapter (LoRA off) | precomputed | none",
+        choices=("auto", "model", "adapter", "precomputed", "none"),
+    )
+    reference_cache_dir: str | None = _key(
+        None,
+        "reference",
+        "pre-computed reference log-probs; default ~/.cache/dpokit/reference_logps",
+        kind=str,
+    )
+
+    dtype: str = _key(
+        "auto",
+        "run",
+        "weights dtype; auto = float32 (mixed precision does the rest)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    mixed_precision: str = _key(
+        "auto",
+        "memory",
+        "auto = bf16 on GPUs that support it, fp32 on CPU",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+    gradient_checkpointing: bool = _key(
+        False, "memory", "recompute activations in backward instead of keeping them"
+    )
+    logps_chunk_size: int = _key(1024, "memory", "completion positions per LM-head chunk", low=1)
+    logps_saved_softmax_mb: int = _key(
+        512, "memory", "LM-head softmax kept for backward, not recomputed; 0: none", low=0
+    )
 
     # Speed (the measurements behind these defaults: PERFORMANCE.md)
-    packing: str = "auto"  # pairs: auto | none (2 rows/pair) | shared_prompt | padding_free
-    packing_length: int | None = None  # padding_free: tokens per packed row (None: one row)
-    group_by_length: bool = False  # shuffled batches of similar lengths (less padding)
-    fused_optimizer: bool = True  # AdamW as one fused kernel over all parameters
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"  # comma list of module names, or all-linear
-    merge_lora: bool = False  # also write the merged full model at the end
+    packing: str = _key(
+        "auto",
+        "memory",
+        "pairs: auto | none (2 rows/pair) | shared_prompt | padding_free",
+        choices=("auto", "none", "shared_prompt", "padding_free"),
+    )
+    packing_length: int | None = _key(
+        None, "memory", "padding_free: tokens per packed row (None: one row)", kind=int, low=1
+    )
+    group_by_length: bool = _key(
+        False, "data", "shuffled batches of similar lengths (less padding)"
+    )
+    fused_optimizer: bool = _key(
+        True, "optimisation", "AdamW as one fused kernel over all parameters"
+    )
+    lora: bool = _key(False, "optimisation", "train a LoRA adapter instead of every weight")
+    lora_r: int = _key(16, "optimisation", "LoRA rank", low=1)
+    lora_alpha: int = _key(32, "optimisation", "LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = _key(0.0, "optimisation", "dropout on the LoRA input", **_FRACTION)
+    lora_target_modules: str = _key(
+        "all-linear", "optimisation", "comma list of module names, or all-linear"
+    )
+    merge_lora: bool = _key(False, "run", "also write the merged full model at the end")
 
-    # Optimisation
-    batch_size: int = 4  # pairs per process per micro-batch
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-6
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None  # overrides warmup_ratio
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    num_epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides num_epochs
-    seed: int = 42
-    shuffle: bool = True
+    batch_size: int = _key(4, "optimisation", "pairs per process per micro-batch", low=1)
+    gradient_accumulation_steps: int = _key(
+        1, "optimisation", "micro-batches per optimizer step", low=1
+    )
+    learning_rate: float = _key(1e-6, "optimisation", "peak learning rate", **_POSITIVE)
+    optimizer: str = _key("adamw", "optimisation", "optimizer", choices=("adamw", "rmsprop"))
+    weight_decay: float = _key(0.0, "optimisation", "decoupled weight decay", low=0.0)
+    adam_beta1: float = _key(0.9, "optimisation", "AdamW's beta1", **_FRACTION)
+    adam_beta2: float = _key(0.999, "optimisation", "AdamW's beta2", **_FRACTION)
+    lr_scheduler: str = _key(
+        "linear",
+        "optimisation",
+        "learning-rate schedule after warmup",
+        choices=("linear", "cosine", "constant"),
+    )
+    warmup_ratio: float = _key(
+        0.1, "optimisation", "share of the optimizer steps spent warming up", **_FRACTION
+    )
+    warmup_steps: int | None = _key(
+        None, "optimisation", "warmup optimizer steps; overrides warmup_ratio", kind=int, low=0
+    )
+    max_grad_norm: float = _key(1.0, "optimisation", "gradient clipping; 0 disables it", low=0.0)
+    num_epochs: float = _key(1.0, "optimisation", "passes over the data", **_POSITIVE)
+    max_steps: int | None = _key(
+        None, "optimisation", "optimizer steps; overrides num_epochs", kind=int, low=1
+    )
+    seed: int = _key(42, "run", "seed of the data order, dropout and sampling")
+    shuffle: bool = _key(True, "data", "shuffle the training rows each epoch")
 
-    # Logging, evaluation, checkpoints
-    logging_steps: int = 1
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int = 2
-    resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    report_to: str = "none"
-    progress: bool = True
-    nonfinite: str = "stop"  # NaN/inf loss: stop (after a checkpoint) or skip the batch
+    logging_steps: int = _key(1, "logging", "optimizer steps between metric lines", low=1)
+    eval_steps: int | None = _key(
+        None, "logging", "optimizer steps between evaluations (None: at the end)", kind=int, low=1
+    )
+    save_steps: int | None = _key(
+        None,
+        "logging",
+        "optimizer steps between checkpoints (None: final model only)",
+        kind=int,
+        low=1,
+    )
+    save_total_limit: int = _key(2, "logging", "checkpoints kept", low=1)
+    resume: bool = _key(False, "run", "continue from the newest complete checkpoint in output_dir")
+    report_to: str = _key(
+        "none",
+        "logging",
+        "metric trackers besides metrics.jsonl",
+        choices=("none", "tensorboard", "wandb", "all"),
+    )
+    progress: bool = _key(True, "logging", "show a progress bar")
+    nonfinite: str = _key(
+        "stop",
+        "optimisation",
+        "NaN/inf loss: stop (after a checkpoint) or skip the batch",
+        choices=("stop", "skip"),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -131,7 +259,7 @@ class TrainConfig:
         for key, value in values.items():
             key = key.replace("-", "_")
             if key in known:
-                kwargs[key] = _coerce(key, value, known[key].type)
+                kwargs[key] = value  # converted and checked by validate()
             elif key in method_keys:
                 method_args[key] = value
             else:
@@ -159,9 +287,11 @@ class TrainConfig:
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every key and its value, as :meth:`from_dict` takes them."""
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
+        """Write the config as YAML that :meth:`load` reads back to an equal config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -178,68 +308,11 @@ def _unknown_key_message(key: str, valid: list[str]) -> str:
     return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}"
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert YAML/CLI values to the field's type, refusing what cannot be converted."""
-    hint = typing.get_type_hints(TrainConfig)[key] if isinstance(annotation, str) else annotation
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"config key {key!r} needs a value")
-    for option in options:
-        if option is type(None):
-            continue
-        converted = _convert(value, option)
-        if converted is not _FAIL:
-            return converted
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
-
-
-_FAIL = object()
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _convert(value: Any, target: Any) -> Any:
-    origin = typing.get_origin(target) or target
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        return _FAIL
-    if origin is int:
-        if isinstance(value, bool):
-            return _FAIL
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                return _FAIL
-        return _FAIL
-    if origin is float:
-        if isinstance(value, bool):
-            return _FAIL
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return _FAIL
-    if origin is str:
-        return value if isinstance(value, str) else str(value)
-    if origin is dict:
-        return dict(value) if isinstance(value, dict) else _FAIL
-    return value
-
-
 def validate(config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` on any value that cannot work, naming the valid choices."""
+    """Convert and check every field in place; raise :class:`ConfigError` on any value that
+    cannot work, naming the valid values or choices."""
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, check_field(f.name, getattr(config, f.name), f.metadata))
     try:
         spec = get_method(config.method)
     except ValueError as err:
@@ -249,29 +322,42 @@ def validate(config: TrainConfig) -> None:
         config.method_args = resolve_hyperparameters(spec, config.method_args)
     except ValueError as err:
         raise ConfigError(f"method {spec.name}: {err}") from None
-    for key, choices in CHOICES.items():
-        value = getattr(config, key)
-        if value not in choices:
+    _check_combinations(config, spec)
+
+
+def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
+    """``value`` of config key ``key`` converted to the type in its field ``metadata`` (see
+    ``_key``) and checked against its range or choices, by the converter that checks method
+    hyperparameters (:func:`dpokit.losses.hyperparameters.check_value`).
+
+    Raises:
+        ConfigError: for None where the key needs a value, a value of the wrong type, NaN or
+            infinity for a float key, a number out of range or a string not among the choices.
+    """
+    if value is None:
+        if metadata["optional"]:
+            return None
+        raise ConfigError(f"config key {key!r} needs a value")
+    bounds = {name: metadata[name] for name in ("low", "high", "low_open", "high_open")}
+    try:
+        converted = check_value(key, value, metadata["type"], **bounds)
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None
+    choices = metadata["choices"]
+    if choices is not None:
+        converted = normalise_choice(converted)
+        if converted not in choices:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-    positive = ("max_length", "max_prompt_length", "batch_size", "gradient_accumulation_steps")
-    for key in positive + ("logging_steps", "save_total_limit", "logps_chunk_size", "lora_r"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
-    if config.logps_saved_softmax_mb < 0:
-        raise ConfigError(
-            f"logps_saved_softmax_mb must be >= 0 (0: recompute all), "
-            f"got {config.logps_saved_softmax_mb}"
-        )
-    if config.packing_length is not None and config.packing_length < 1:
-        raise ConfigError(f"packing_length must be >= 1, got {config.packing_length}")
+    return converted
+
+
+def _check_combinations(config: TrainConfig, spec: MethodSpec) -> None:
+    """The checks that involve several keys, the method or the file system (each key alone has
+    passed :func:`check_field`)."""
     if config.packing_length is not None and config.packing not in ("auto", "padding_free"):
         raise ConfigError(
             f"packing_length applies to packing=padding_free only (packing={config.packing!r})"
         )
-    for key in ("max_steps", "eval_steps", "save_steps", "warmup_steps"):
-        value = getattr(config, key)
-        if value is not None and value < (0 if key == "warmup_steps" else 1):
-            raise ConfigError(f"{key} must be positive, got {value}")
     if config.max_prompt_length >= config.max_length:
         raise ConfigError(
             f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
@@ -279,16 +365,6 @@ def validate(config: TrainConfig) -> None:
         )
     if config.chat_template and not Path(config.chat_template).is_file():
         raise ConfigError(f"chat_template={config.chat_template!r}: no such file")
-    if config.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
-    if not 0.0 <= config.eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
-    if not 0.0 <= config.warmup_ratio < 1.0:
-        raise ConfigError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
-    if config.num_epochs <= 0:
-        raise ConfigError(f"num_epochs must be > 0, got {config.num_epochs}")
-    if config.max_grad_norm < 0:
-        raise ConfigError(f"max_grad_norm must be >= 0, got {config.max_grad_norm}")
     if config.reference_mode == "adapter" and not config.lora:
         raise ConfigError("reference_mode=adapter needs lora=true (the reference is LoRA off)")
     if config.reference_mode == "none" and spec.reference != "none":
@@ -305,7 +381,7 @@ def config_help() -> str:
     lines = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else "{}"
-        choices = CHOICES.get(f.name)
+        choices = f.metadata["choices"]
         extra = f" (one of {', '.join(choices)})" if choices else ""
         lines.append(f"  {f.name}={default}{extra}")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ Every layout returns the keys of :class:`~dpokit.data.PairCollator` (``input_ids
   sequences 0..B-1 then rejected B..2B-1 as in the two-row form (-1 on other tokens), so the
   scorer still returns (2B,) log-probs in chosen-then-rejected order;
 - ``segment_ids`` and ``branch_ids`` (R, L) long, from which the scorer builds the (R, 1, L, L)
-  attention mask on the device (:func:`dpokit.logprobs.packed_attention_mask`); padding_free has
+  attention mask on the device (:func:`packed_attention_mask`); padding_free has
   no branches, so with flash-attention the scorer passes position ids alone (varlen kernels).
 """
 
@@ -52,6 +52,7 @@ __all__ = [
     "PaddingFreeCollator",
     "SharedPromptCollator",
     "attention_cost",
+    "packed_attention_mask",
     "pair_collator",
     "padding_fraction",
     "row_lengths",
@@ -207,6 +208,27 @@ class PaddingFreeCollator(PairCollator):
                 end = packed.put(row, end, prompt, 0, segment=sequence)
                 end = packed.put(row, end, completion, len(prompt), sequence, 0, sequence)
         return _add_row_keys(packed.to_dict(PACKED_KEYS), rows)
+
+
+def packed_attention_mask(
+    segment_ids: torch.Tensor, branch_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(R, T) segment and branch ids -> (R, 1, T, T) bool mask, True where query i sees key j.
+
+        mask[i, j] = j <= i and segment[j] == segment[i] and branch[j] in (0, branch[i])
+
+    Branch 0 is a prefix shared by every branch of its segment (a pair's prompt); branches b > 0
+    see the prefix and themselves only (chosen and rejected never see each other). Padding has a
+    segment of its own, so every query sees at least itself and no softmax row is empty.
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (R, T, T)
+    mask = same & causal
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]  # (R, 1, T)
+        mask &= (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    return mask[:, None]  # (R, 1, T, T)
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

@@ -10,18 +10,13 @@ DPO (``segment_dpo``) and stepwise DPO (``stepwise_dpo``) use :func:`dpo_loss` o
 from dpokit.losses.base import LossInputs, LossOutput, check_same_shape
 from dpokit.losses.dpo import dpo_loss
 from dpokit.losses.dpop import dpop_loss
+from dpokit.losses.hyperparameters import Hyperparameter, resolve_hyperparameters
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_kl_baseline, kto_loss, kto_weight_balance
+from dpokit.losses.listing import format_methods
 from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets, odpo_valid_pairs
 from dpokit.losses.rdpo import rdpo_loss
-from dpokit.losses.registry import (
-    METHODS,
-    Hyperparameter,
-    MethodSpec,
-    format_methods,
-    get_method,
-    resolve_hyperparameters,
-)
+from dpokit.losses.registry import METHODS, MethodSpec, get_method
 from dpokit.losses.simpo import simpo_loss
 from dpokit.losses.slic import slic_loss
 from dpokit.losses.spin import spin_loss

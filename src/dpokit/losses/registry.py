@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -25,15 +23,11 @@ from typing import Any
 
 from torch import Tensor
 
-from dpokit.losses.base import (
-    LossInputs,
-    LossOutput,
-    check_choice,
-    check_range,
-    describe_range,
-)
+from dpokit.losses.base import LossInputs, LossOutput
 from dpokit.losses.dpo import dpo_loss
 from dpokit.losses.dpop import dpop_loss
+from dpokit.losses.hyperparameters import Hyperparameter, resolve_hyperparameters
+from dpokit.losses.hyperparameters import resolve as _resolve  # _make_compute's name for it
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_loss
 from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets
@@ -47,86 +41,6 @@ REFERENCE_KINDS = ("none", "logps", "online")
 DATA_KINDS = ("pairs", "unpaired", "sft", "multiturn_pairs")
 STEP_KINDS = ("pairwise", "kto", "slic", "segment", "sft")
 RECIPE_KINDS = ("spin", "stepwise")
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
-@dataclass(frozen=True)
-class Hyperparameter:
-    """One hyperparameter of a method: default, type, help text and valid values.
-
-    ``type`` is ``float``, ``int``, ``bool`` or ``str``. Numbers may have a range (``low``/``high``,
-    ``low_open``/``high_open`` for exclusive ends); strings may have ``choices``.
-    """
-
-    default: Any
-    type: type
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[str, ...] | None = None
-
-    def describe(self) -> str:
-        """``"float > 0"``, ``"float in [0, 0.5)"``, ``"one of 'a', 'b'"``, ``"bool"``."""
-        if self.choices is not None:
-            return "one of " + ", ".join(map(repr, self.choices))
-        if self.type in (float, int) and (self.low is not None or self.high is not None):
-            interval = describe_range(
-                self.low, self.high, low_open=self.low_open, high_open=self.high_open
-            )
-            return f"{self.type.__name__} {interval}"
-        return self.type.__name__
-
-    def parse(self, name: str, value: Any) -> Any:
-        """Convert ``value`` (a CLI string like ``"0.2"``/``"true"`` included) and check it.
-
-        Raises ``ValueError`` naming ``name`` and the valid values.
-        """
-        converted = _convert(value, self.type)
-        if converted is None:
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
-        if self.choices is not None:
-            check_choice(name, converted, self.choices)
-        elif self.type in (float, int):
-            if not math.isfinite(converted):
-                raise ValueError(f"{name} must be a finite {self.describe()}, got {value!r}")
-            check_range(
-                name,
-                converted,
-                self.low,
-                self.high,
-                low_open=self.low_open,
-                high_open=self.high_open,
-            )
-        return converted
-
-
-def _convert(value: Any, kind: type) -> Any:
-    """``value`` as ``kind``, or ``None`` when it cannot be (bools are never numbers)."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, numbers.Integral) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        return None
-    if kind is str:
-        return value.strip().lower() if isinstance(value, str) else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if not isinstance(value, numbers.Real):
-        return None
-    if kind is int:
-        return int(value) if float(value).is_integer() else None
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -179,42 +93,6 @@ class MethodSpec:
     def defaults(self) -> dict[str, Any]:
         """Default value of every hyperparameter."""
         return {name: hp.default for name, hp in self.hyperparameters.items()}
-
-
-def resolve_hyperparameters(
-    spec: MethodSpec, overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """All of ``spec``'s hyperparameters: defaults, replaced by ``overrides`` converted and checked.
-
-    Keys may use ``-`` for ``_``. Raises ``ValueError`` on an unknown key (listing the valid ones)
-    or a value of the wrong type or out of range (giving the valid range), so configuration errors
-    surface before any model is loaded.
-    """
-    return _resolve(spec.name, spec.hyperparameters, overrides)
-
-
-def _resolve(
-    method: str,
-    hyperparameters: Mapping[str, Hyperparameter],
-    overrides: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    given = {str(key).replace("-", "_"): value for key, value in (overrides or {}).items()}
-    unknown = sorted(set(given) - set(hyperparameters))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(hyperparameters), n=1)
-            if close:
-                hints.append(f"{key!r}: did you mean {close[0]!r}?")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for method "
-            f"{method}{hint}; valid: {', '.join(hyperparameters) or 'none'}"
-        )
-    return {
-        name: hp.parse(name, given[name]) if name in given else hp.default
-        for name, hp in hyperparameters.items()
-    }
 
 
 # ---- adapters: LossInputs + resolved hyperparameters -> LossOutput -------------------------------
@@ -646,57 +524,10 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[key]
 
 
-def _needs(spec: MethodSpec) -> str:
-    parts = {
-        "none": ["no reference model"],
-        "logps": ["reference sequence log-probs (online or pre-computed)"],
-        "online": ["online reference with full-vocabulary logits"],
-    }[spec.reference]
-    if spec.averaged_logps:
-        parts.append("per-token averaged log-probs")
-    if spec.token_kl:
-        parts.append("token-level KL(ref || policy)")
-    if spec.scores:
-        parts.append("a score per response")
-    parts.append(f"data: {spec.data}")
-    if spec.recipe:
-        parts.append(f"recipe: {spec.recipe} ({spec.stage_count} runs)")
-    elif spec.step != "pairwise":
-        parts.append(f"step: {spec.step}")
-    return "; ".join(parts)
-
-
-def format_methods(verbose: bool = False) -> str:
-    """Human-readable listing of every method: formula, needs and defaults (``dpokit methods``).
-
-    ``verbose`` adds the paper and every hyperparameter's type, range and meaning.
-    """
-    lines = [
-        "Methods (nls(z) = -log sigmoid(z); rho = logp(y) - ref(y), summed over completion "
-        "tokens; h = rho_w - rho_l):",
-        "",
-    ]
-    width = max(map(len, METHODS)) + 2
-    pad = " " * width
-    for spec in METHODS.values():
-        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults().items())
-        lines.append(f"{spec.name:<{width}}{spec.title}")
-        lines.append(f"{pad}loss:     {spec.formula}")
-        lines.append(f"{pad}needs:    {_needs(spec)}")
-        lines.append(f"{pad}defaults: {defaults or '-'}")
-        if verbose:
-            lines.append(f"{pad}paper:    {spec.paper}")
-            for hp_name, hp in spec.hyperparameters.items():
-                lines.append(f"{pad}  {hp_name} ({hp.describe()}, default {hp.default}): {hp.help}")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
 __all__ = [
     "METHODS",
     "Hyperparameter",
     "MethodSpec",
-    "format_methods",
     "get_method",
     "resolve_hyperparameters",
 ]
