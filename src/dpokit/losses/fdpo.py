@@ -59,7 +59,9 @@ def f_divergence_scores(
 
     Traps: the PAPER's alpha is ``1 - c``: its ``f'(u) = (1 - u**-alpha) / alpha`` is
     ``(u**(c-1) - 1) / (c - 1)``. TRL before 1.0 used the paper's alpha (``u**-alpha``) under the
-    same name; at the common 0.5 the two agree. ``exp`` is capped as in TRL (see module).
+    same name; at the common 0.5 the two agree. ``exp`` is capped as in TRL (see module); with
+    fp16 inputs a capped score times ``1 / (1 - c)`` can still overflow, so pass fp32 log-probs
+    (dpokit's scorer always returns fp32).
     """
     check_choice("divergence", divergence, F_DIVERGENCES)
     check_range("alpha_coef", alpha_coef, 0.0, 1.0)
