@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from dpokit.errors import EXIT_CONFIG, UserError
 from dpokit.losses import get_method, resolve_hyperparameters
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -37,8 +38,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A run configuration that cannot work; raised before anything is loaded."""
+class ConfigError(UserError, ValueError):
+    """A run configuration that cannot work; raised before anything is loaded (exit code 2)."""
+
+    exit_code = EXIT_CONFIG
 
 
 @dataclass
@@ -57,8 +60,8 @@ class TrainConfig:
     data_split: str | None = None  # split to read from a multi-split dataset (default: train)
     eval_data: str | None = None  # held-out file; otherwise eval_fraction of `data`
     eval_fraction: float = 0.0
-    max_length: int = 1024  # prompt + completion tokens
-    max_prompt_length: int = 512
+    max_length: int | None = 1024  # prompt + completion tokens; none: no bound
+    max_prompt_length: int | None = 512  # none: max_length - 1
     truncation: str = "truncate"  # over-long rows: truncate (counted) or error
     identical_pairs: str = "keep"  # chosen == rejected: keep (counted) or drop (counted)
     bad_scores: str = "error"  # ODPO ties / reversed scores: drop (counted) or error
@@ -146,7 +149,7 @@ class TrainConfig:
         """YAML file, then keyword values, then ``key=value`` strings (later ones win)."""
         merged: dict[str, Any] = {}
         if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = _read_yaml(Path(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
             merged.update(loaded)
@@ -155,7 +158,12 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-            merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                raise ConfigError(
+                    f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
+                ) from None
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +171,32 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; `ConfigError` naming the file (and line, column) if it cannot be
+    read, is not UTF-8 or is not valid YAML."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
 
 
 def _method_keys(method_name: str) -> set[str]:
@@ -182,6 +216,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert YAML/CLI values to the field's type, refusing what cannot be converted."""
     hint = typing.get_type_hints(TrainConfig)[key] if isinstance(annotation, str) else annotation
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if (
+        isinstance(value, str)
+        and value.strip().lower() in ("none", "null")
+        and (type(None) in options)
+    ):
+        value = None  # `max_length=none` on the command line unsets an optional key
     if value is None:
         if type(None) in options:
             return None
@@ -253,10 +293,14 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-    positive = ("max_length", "max_prompt_length", "batch_size", "gradient_accumulation_steps")
+    positive = ("batch_size", "gradient_accumulation_steps")
     for key in positive + ("logging_steps", "save_total_limit", "logps_chunk_size", "lora_r"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(config, key)}")
+    for key, least in (("max_length", 2), ("max_prompt_length", 1)):
+        value = getattr(config, key)
+        if value is not None and value < least:
+            raise ConfigError(f"{key} must be >= {least} or none (no bound), got {value}")
     if config.logps_saved_softmax_mb < 0:
         raise ConfigError(
             f"logps_saved_softmax_mb must be >= 0 (0: recompute all), "
@@ -272,7 +316,11 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value < (0 if key == "warmup_steps" else 1):
             raise ConfigError(f"{key} must be positive, got {value}")
-    if config.max_prompt_length >= config.max_length:
+    if (
+        config.max_length is not None
+        and config.max_prompt_length is not None
+        and config.max_prompt_length >= config.max_length
+    ):
         raise ConfigError(
             f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
             f"({config.max_length}) so that every completion keeps at least one token"

@@ -42,6 +42,7 @@ from dpokit.distributed import (
     refuse_other_reference,
     refuse_separate_reference,
 )
+from dpokit.errors import EXIT_OUT_OF_MEMORY, NonFiniteError, UserError
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.metrics import MetricAverager, MetricsWriter
@@ -54,6 +55,7 @@ from dpokit.modeling import (
     longest_sequence,
     resolve_dtype,
 )
+from dpokit.paths import check_run_paths
 from dpokit.procedures import DRIVERS, StepContext, procedure_for
 from dpokit.reference import (
     AdapterOffReference,
@@ -70,12 +72,14 @@ from dpokit.reference import (
 logger = logging.getLogger("dpokit")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss or gradient turned NaN/inf; the message names the step and the batch rows."""
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(UserError, RuntimeError):
     """The device ran out of memory in a training step; the message says what to change."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 # torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError is its alias there.
@@ -629,6 +633,7 @@ def train(config: TrainConfig) -> TrainResult:
     Methods whose table entry names a driver (SPIN's rounds, stepwise DPO's stages) run through
     it; every other method is one :class:`Trainer` run.
     """
+    check_run_paths(config)  # one-line errors before anything loads (dpokit.paths)
     init_processes()  # before a driver's first PartialState(): it would settle the backend
     driver = DRIVERS.get(get_method(config.method).procedure or "")
     return driver(config) if driver is not None else Trainer(config).train()
