@@ -286,7 +286,7 @@ def nothing_loads(monkeypatch):
     ("overrides", "message"),
     [
         (["learning_rat=1e-6"], r"unknown config key 'learning_rat'\. Did you mean learning_rate"),
-        (["batch_size=four"], r"config key 'batch_size' must be int, got 'four'"),
+        (["batch_size=four"], r"config key batch_size must be int >= 1, got 'four'"),
         (["--method", "dpoo"], r"dpoo.*dpo"),
         (["beta=-1"], r"beta"),
         (["optimizer=sgd"], r"optimizer='sgd' is not one of: adamw, rmsprop"),

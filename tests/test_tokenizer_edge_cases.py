@@ -115,7 +115,7 @@ def test_conversational_data_without_chat_template_names_the_fix(tiny_dir, tmp_p
     template.write_text(CHAT_TEMPLATE)
     argv = ["train", "--model", str(plain), "--data", data, "--output-dir", str(tmp_path / "b")]
     argv += ["max_steps=1", "batch_size=4", "max_length=64", "max_prompt_length=32"]
-    assert main([*argv, "progress=false"]) == 2
+    assert main([*argv, "progress=false"]) == 3  # a data error (dpokit.errors.EXIT_DATA)
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
     assert last.startswith("dpokit: error: ") and "--chat-template FILE" in last
     assert main([*argv, "progress=false", "--chat-template", str(template)]) == 0

@@ -1,17 +1,46 @@
-"""The ``dpokit`` command: train, sft, eval, demo, arena, methods, plot."""
+"""The ``dpokit`` command: train, sft, eval, demo, arena, methods, plot.
+
+A user error prints one line, ``dpokit: error: ...``, and exits with its kind's code
+(:mod:`dpokit.errors`: 2 config/usage, 3 data, 4 model/files, 5 non-finite, 6 out of memory);
+``--debug`` (anywhere on the line) or ``DPOKIT_DEBUG=1`` also prints the traceback. ``key=value``
+settings may come before, between or after the flags; later ones win.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import re
 import sys
+import traceback
 
 from dpokit.config import ConfigError, TrainConfig, config_help
+from dpokit.errors import exit_code, one_line
+from dpokit.paths import check_model_path, check_run_paths, check_writable_dir, read_text_file
+
+# A ``key=value`` setting: an identifier, then "=" (flags start with "-").
+SETTING = re.compile(r"^[A-Za-z_][\w.-]*=")
+DEBUG_VARIABLE = "DPOKIT_DEBUG"
+
+
+def _common() -> argparse.ArgumentParser:
+    """Flags every subcommand takes; SUPPRESS keeps `dpokit --debug train` from being reset."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"print the traceback of an error (or set {DEBUG_VARIABLE}=1)",
+    )
+    return common
 
 
 def _train_parser(sub) -> None:
     parser = sub.add_parser(
         "train",
+        parents=[_common()],
         help="train a model on preference data with a method",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train MODEL on DATA with METHOD. Any config key, and any hyperparameter of "
@@ -49,7 +78,7 @@ def _run_train(args) -> int:
     config = TrainConfig.load(args.config, args.overrides, **values)
     if not config.model or not config.data:
         raise ConfigError("`dpokit train` needs --model and --data (or model:/data: in --config)")
-    result = run(config)
+    result = run(config)  # checks the run's paths first (dpokit.paths)
     print(f"trained {result.global_step} steps; model saved to {result.final_dir}")
     print(
         f"metrics: {result.output_dir / 'metrics.jsonl'} "
@@ -76,6 +105,7 @@ def _run_plot(args) -> int:
 def _sft_parser(sub) -> None:
     parser = sub.add_parser(
         "sft",
+        parents=[_common()],
         help="supervised fine-tuning (completion NLL) on prompt/completion or messages data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune MODEL on SFT DATA (rows prompt+completion, strings or message "
@@ -107,6 +137,7 @@ def _run_sft(args) -> int:
     config = TrainConfig.load(args.config, args.overrides, **values)
     if not config.model or not config.data:
         raise ConfigError("`dpokit sft` needs --model and --data (or model:/data: in --config)")
+    check_run_paths(config)
     result = run_sft(config)
     print(f"trained {result.global_step} steps; model saved to {result.final_dir}")
     return 0
@@ -115,6 +146,7 @@ def _run_sft(args) -> int:
 def _eval_parser(sub) -> None:
     parser = sub.add_parser(
         "eval",
+        parents=[_common()],
         help="evaluate a model: reward accuracy on pairs, samples, judge reward, win rate, KL",
         description="Evaluate MODEL. --pairs + --reference: implicit-reward accuracy and the "
         "change of the chosen/rejected log-probs. --prompts (or --task): samples; with --task "
@@ -137,18 +169,25 @@ def _eval_parser(sub) -> None:
 
 def _read_prompts(path: str) -> list[str]:
     import json
-    from pathlib import Path
 
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if path.endswith((".jsonl", ".json")):
-        prompts = []
-        for number, line in enumerate(lines, 1):
+    # "\n" only: str.splitlines() would also split a prompt at U+0085, U+2028, ...
+    lines = [
+        (number, line.removesuffix("\r"))
+        for number, line in enumerate(read_text_file(path, "--prompts").split("\n"), 1)
+        if line.strip()
+    ]
+    if not path.endswith((".jsonl", ".json")):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}, line {number}: expected an object with a `prompt`")
-            prompts.append(row["prompt"])
-        return prompts
-    return lines
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path}, line {number}: expected an object with a `prompt`")
+        prompts.append(row["prompt"])
+    return prompts
 
 
 def _run_eval(args) -> int:
@@ -166,6 +205,10 @@ def _run_eval(args) -> int:
         prompts = _read_prompts(args.prompts)
     if args.pairs is None and prompts is None:
         raise ConfigError("`dpokit eval` needs --pairs and/or --prompts (or --task review)")
+    for key in ("model", "reference", "baseline"):
+        check_model_path(getattr(args, key), f"--{key}")
+    if args.out:
+        check_writable_dir(args.out, "--out")
     result = evaluate_paths(
         args.model,
         reference_path=args.reference,
@@ -186,6 +229,7 @@ def _run_eval(args) -> int:
 def _demo_parser(sub) -> None:
     parser = sub.add_parser(
         "demo",
+        parents=[_common()],
         help="the whole pipeline on the built-in task: tiny model, SFT, a method, before/after",
         description="Build the built-in review task, a tokenizer and a tiny model, run SFT, "
         "train METHOD from the SFT model, evaluate before and after, print a table and write a "
@@ -202,6 +246,7 @@ def _run_demo(args) -> int:
     from dpokit.demo.settings import demo_config
 
     config = demo_config(args.overrides, method=args.method, seed=args.seed, work_dir=args.work_dir)
+    check_writable_dir(args.work_dir, "--work-dir")
     summary = run_demo(config)
     print(summary["table"])
     print(
@@ -217,6 +262,7 @@ def _run_demo(args) -> int:
 def _arena_parser(sub) -> None:
     parser = sub.add_parser(
         "arena",
+        parents=[_common()],
         help="every trainable method from the same SFT model: table (MD/CSV) + reward-vs-KL plot",
     )
     parser.add_argument("--methods", help="comma-separated subset (default: every trainable one)")
@@ -241,6 +287,7 @@ def _run_arena(args) -> int:
     from dpokit.demo.settings import demo_config
 
     base = demo_config(args.overrides, work_dir=args.work_dir)
+    check_writable_dir(args.work_dir, "--work-dir")
     config = ArenaConfig(
         demo=base,
         methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
@@ -260,7 +307,13 @@ def _run_arena(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``dpokit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="dpokit", description="Preference optimization: the DPO family, in one place."
+        prog="dpokit",
+        description="Preference optimization: the DPO family, in one place.",
+        epilog="exit codes: 0 done, 1 a bug (traceback), 2 config/usage, 3 data, "
+        "4 model/files/IO, 5 non-finite numbers, 6 out of memory, 130 interrupted",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help="print tracebacks of errors"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -268,9 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _demo_parser(sub)
     _arena_parser(sub)
-    methods = sub.add_parser("methods", help="list methods, formulas, needs and defaults")
+    methods = sub.add_parser(
+        "methods", parents=[_common()], help="list methods, formulas, needs and defaults"
+    )
     methods.add_argument("-v", "--verbose", action="store_true", help="papers and details")
-    plot = sub.add_parser("plot", help="PNG curves of a run's metrics")
+    plot = sub.add_parser("plot", parents=[_common()], help="PNG curves of a run's metrics")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="output directory (default RUN_DIR/plots)")
     return parser
@@ -288,24 +343,49 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``dpokit`` command; returns the exit status (2 for a configuration or data
-    error, printed without a traceback)."""
-    args = build_parser().parse_args(argv)
+    """Run one ``dpokit`` command; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except Exception as err:
-        if not isinstance(err, _user_errors()):
-            raise
-        print(f"dpokit: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code = exit_code(err)
+        if code is None:
+            raise  # a bug: the traceback is the report
+        if debug:
+            traceback.print_exc()
+        print(f"dpokit: error: {one_line(err)}", file=sys.stderr)
+        return code
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors printed as one line, no traceback: bad config, bad data (DataError names file and
-    line; its package is only imported if loading ran, as importing it costs seconds)."""
-    data_errors = sys.modules.get("dpokit.data.errors")
-    return (ConfigError, FileNotFoundError) + ((data_errors.DataError,) if data_errors else ())
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` settings allowed anywhere after the command.
+
+    argparse binds a ``nargs="*"`` positional to one run of words only, so settings after a flag
+    come back unrecognized; they are appended to ``overrides`` in the order given.
+    """
+    args, extra = parser.parse_known_args(argv)
+    settings = [item for item in extra if SETTING.match(item)]
+    unknown = [item for item in extra if not SETTING.match(item)]
+    if settings and not hasattr(args, "overrides"):
+        unknown = settings + unknown
+    elif settings:
+        args.overrides = list(args.overrides or []) + settings
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hint(unknown)}")
+    return args
+
+
+def _flag_hint(unknown: list[str]) -> str:
+    """A config key given as a flag (``--max_steps 3``): say how keys are set."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in unknown:
+        key = item.lstrip("-").partition("=")[0].replace("-", "_")
+        if item.startswith("--") and key in keys:
+            return f" (config keys are set as key=value: {key}=...)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -24,14 +24,18 @@ from typing import Any
 
 import yaml
 
+from dpokit.errors import EXIT_CONFIG, UserError
 from dpokit.losses import MethodSpec, get_method, resolve_hyperparameters
 from dpokit.losses.hyperparameters import check_value, normalise_choice
 
+_NONE = ("none", "null", "~", "")
 GROUPS = ("run", "data", "optimisation", "reference", "memory", "logging")
 
 
-class ConfigError(ValueError):
-    """A run configuration that cannot work; raised before anything is loaded."""
+class ConfigError(UserError, ValueError):
+    """A run configuration that cannot work; raised before anything is loaded (exit code 2)."""
+
+    exit_code = EXIT_CONFIG
 
 
 def _key(
@@ -45,10 +49,12 @@ def _key(
     low_open: bool = False,
     high_open: bool = False,
     choices: tuple[str, ...] | None = None,
+    optional: bool = False,
 ) -> Any:
     """A TrainConfig field: its default, and as metadata what the check loop and ``--help`` read.
 
-    ``kind`` defaults to the default's type; a field whose default is None also accepts None.
+    ``kind`` defaults to the default's type; a field whose default is None (or ``optional``) also
+    accepts None, written ``none`` or ``null`` on the command line.
     Numbers may have a range ``low``..``high`` (``*_open``: that end excluded), strings
     ``choices``.
     """
@@ -57,7 +63,7 @@ def _key(
         "help": help,
         "group": group,
         "type": kind or type(default),
-        "optional": default is None,
+        "optional": optional or default is None,
         "low": low,
         "high": high,
         "low_open": low_open,
@@ -104,8 +110,12 @@ class TrainConfig:
         None, "data", "held-out file; otherwise eval_fraction of `data`", kind=str
     )
     eval_fraction: float = _key(0.0, "data", "share of `data` held out for eval", **_FRACTION)
-    max_length: int = _key(1024, "data", "prompt + completion tokens", low=1)
-    max_prompt_length: int = _key(512, "data", "prompt tokens kept (< max_length)", low=1)
+    max_length: int | None = _key(
+        1024, "data", "prompt + completion tokens; none: no bound", low=2, optional=True
+    )
+    max_prompt_length: int | None = _key(
+        512, "data", "prompt tokens kept (< max_length); none: max_length - 1", low=1, optional=True
+    )
     truncation: str = _key(
         "truncate",
         "data",
@@ -274,7 +284,7 @@ class TrainConfig:
         """YAML file, then keyword values, then ``key=value`` strings (later ones win)."""
         merged: dict[str, Any] = {}
         if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = _read_yaml(Path(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
             merged.update(loaded)
@@ -283,7 +293,12 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-            merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                raise ConfigError(
+                    f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
+                ) from None
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,6 +308,32 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML that :meth:`load` reads back to an equal config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; `ConfigError` naming the file (and line, column) if it cannot be
+    read, is not UTF-8 or is not valid YAML."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
 
 
 def _method_keys(method_name: str) -> set[str]:
@@ -334,6 +375,8 @@ def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
         ConfigError: for None where the key needs a value, a value of the wrong type, NaN or
             infinity for a float key, a number out of range or a string not among the choices.
     """
+    if isinstance(value, str) and metadata["optional"] and value.strip().lower() in _NONE:
+        value = None  # `max_length=none` on the command line unsets an optional key
     if value is None:
         if metadata["optional"]:
             return None
@@ -358,7 +401,11 @@ def _check_combinations(config: TrainConfig, spec: MethodSpec) -> None:
         raise ConfigError(
             f"packing_length applies to packing=padding_free only (packing={config.packing!r})"
         )
-    if config.max_prompt_length >= config.max_length:
+    if (
+        config.max_length is not None
+        and config.max_prompt_length is not None
+        and config.max_prompt_length >= config.max_length
+    ):
         raise ConfigError(
             f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
             f"({config.max_length}) so that every completion keeps at least one token"

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from dpokit.errors import EXIT_OUT_OF_MEMORY, NonFiniteError, UserError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(NonFiniteError):
     """The loss or gradient turned NaN/inf; the message names the step and the batch rows."""
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(UserError, RuntimeError):
     """The device ran out of memory in a training step; the message says what to change."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 # torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError is its alias there.

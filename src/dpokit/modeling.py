@@ -75,12 +75,13 @@ def longest_sequence(dataset) -> int:
     return int(pc.max(total).as_py() or 0)
 
 
-def check_positions(name_or_path: str, max_length: int, longest: int) -> None:
+def check_positions(name_or_path: str, max_length: int | None, longest: int) -> None:
     """Refuse rows longer than the model's positions, from its config, before any weights load:
     past them learned position embeddings index out of range and RoPE models extrapolate to
-    positions they never saw. A ``max_length`` beyond them that no row reaches only warns."""
+    positions they never saw. A ``max_length`` beyond them (None: no bound) that no row reaches
+    only warns."""
     limit = max_positions(name_or_path)
-    if limit is None or max_length <= limit:
+    if limit is None or (max_length is not None and max_length <= limit):
         return
     if longest > limit:
         raise ConfigError(
@@ -90,7 +91,7 @@ def check_positions(name_or_path: str, max_length: int, longest: int) -> None:
             "truncated and counted in the data summary"
         )
     logger.warning(
-        "max_length=%d exceeds the %d positions of %s; the longest row has %d tokens, so none "
+        "max_length=%s exceeds the %d positions of %s; the longest row has %d tokens, so none "
         "is affected (set max_length<=%d for data with longer rows)",
         max_length,
         limit,

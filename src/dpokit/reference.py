@@ -33,6 +33,7 @@ from dpokit.distributed import (
     refuse_other_reference,
     refuse_separate_reference,
 )
+from dpokit.errors import NonFiniteError
 from dpokit.hashing import file_sha256, json_digest, sha256_hex
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
 from dpokit.modeling import load_model
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
+
+
+class NonFiniteReferenceError(NonFiniteError):
+    """The reference scored NaN/inf log-probs while they were pre-computed; the message names the
+    rows and whether the reference weights hold NaN/inf. Nothing is cached."""
 
 
 @contextlib.contextmanager
@@ -245,8 +251,9 @@ def compute_reference_logps(
     ``batches`` may be this process's shard; ``gather`` (e.g. ``accelerator.gather_for_metrics``)
     collects the shards so every process ends with the full table.
     """
-    logps = torch.full((num_rows, 2), float("nan"))
+    logps = torch.zeros((num_rows, 2))
     counts = torch.zeros((num_rows, 2), dtype=torch.long)
+    scored = torch.zeros(num_rows, dtype=torch.bool)
     local_rows = 0  # this process's shard (the gathered table holds every row)
     for batch in batches:
         out = reference.score(batch)
@@ -259,9 +266,13 @@ def compute_reference_logps(
             index, row_logps, row_counts = gather((index, row_logps, row_counts))
         logps[index.cpu()] = row_logps.cpu()
         counts[index.cpu()] = row_counts.cpu()
-    if torch.isnan(logps).any():
-        missing = int(torch.isnan(logps[:, 0]).sum())
+        scored[index.cpu()] = True
+    if not scored.all():
+        missing = int((~scored).sum())
         raise RuntimeError(f"reference log-probs missing for {missing} of {num_rows} rows")
+    nonfinite = (~torch.isfinite(logps)).any(dim=1)  # (num_rows,)
+    if nonfinite.any():
+        raise NonFiniteReferenceError(nonfinite_reference_message(reference, nonfinite))
     table = PrecomputedReference(logps, counts)
     table.local_rows = local_rows
     return table
@@ -391,3 +402,34 @@ class ReferenceBuilder:
             save_cached(cache_dir, key, table)
         acc.wait_for_everyone()
         return table
+
+
+def nonfinite_reference_message(reference, nonfinite: torch.Tensor) -> str:
+    """Which rows (``nonfinite``: (num_rows,) bool) scored NaN/inf, and why: the reference
+    weights' non-finite parameters when there are any, else an overflow in the forward."""
+    rows = nonfinite.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    names = []
+    for module in _reference_modules(reference):
+        names += [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if names:
+        cause = (
+            f"the reference model's weights hold NaN/inf ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): use a checkpoint saved before the values "
+            "diverged"
+        )
+    else:
+        cause = (
+            "the reference weights are finite, so the forward overflowed: try dtype=float32 "
+            "mixed_precision=no"
+        )
+    return (
+        f"reference log-probs are NaN/inf for {len(rows)} of {nonfinite.numel()} rows "
+        f"(rows {shown}) while pre-computing them; {cause}. Nothing was cached"
+    )
+
+
+def _reference_modules(reference) -> list[torch.nn.Module]:
+    """The modules a reference scores with (frozen copy, starting policy, or adapter-off)."""
+    found = (getattr(reference, name, None) for name in ("scorer", "runner", "policy_scorer"))
+    return [module for module in found if isinstance(module, torch.nn.Module)][:1]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dpokit.errors import EXIT_DATA, UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data: names the source (file path or a description) and, when known, the row.
 
     ``row`` is the 1-based line number for JSON-lines files (``row_kind == "line"``) and the
     0-based row index for everything else (``row_kind == "row"``); ``None`` when the problem is not
-    one row's.
+    one row's. The CLI exits with code 3 (`dpokit.errors.EXIT_DATA`) on it.
     """
+
+    exit_code = EXIT_DATA
 
     def __init__(
         self,

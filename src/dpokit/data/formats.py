@@ -21,6 +21,13 @@ from .errors import InvalidRow
 
 Messages = list[dict]
 
+# The roles chat templates know. Tool results (``tool``; ``function`` in older OpenAI-style data;
+# ``ipython`` in Llama 3's template) may appear in a prompt, as context; a completion, the text a
+# model is trained to write, holds assistant turns only. Any other role is refused rather than
+# handed to a template that would render it in some way of its own, or not at all.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+COMPLETION_ROLE = "assistant"
+
 
 @dataclass
 class PairExample:
@@ -187,8 +194,32 @@ def read_messages(row: Mapping, field: str) -> Messages:
                 f"'content', got {_describe(message)}"
             )
         check_unicode(message["content"], f"{field}[{position}].content")
+        if message["role"] not in ROLES:
+            raise InvalidRow(
+                f"field {field!r} message {position} has the unknown role {message['role']!r}; "
+                f"roles: {', '.join(ROLES)}"
+            )
     # Arrow fills keys that other rows have with None; a template must not see them.
     return [{k: v for k, v in message.items() if v is not None} for message in value]
+
+
+def check_completion_turns(completion: Messages, conversation: Messages, field: str) -> None:
+    """Refuse a completion that is not all assistant turns (a conversation that ends in a user
+    turn, or whose answer holds a tool result), naming the message in ``field``.
+
+    ``completion`` is a suffix of ``conversation``, the message list as the row gave it, so
+    positions are the user's: message k of ``field``.
+    """
+    offset = len(conversation) - len(completion)
+    for k, message in enumerate(completion):
+        if message["role"] != COMPLETION_ROLE:
+            last = len(conversation) - 1
+            span = f"messages {offset}-{last}" if last > offset else f"message {offset}"
+            raise InvalidRow(
+                f"field {field!r} message {offset + k} is a {message['role']!r} turn in the "
+                f"completion ({span}, after the prompt); completion turns must be "
+                "assistant turns: the conversation must end with the assistant's answer"
+            )
 
 
 def read_score(row: Mapping, field: str, required: bool) -> float:
@@ -307,10 +338,12 @@ def _normalize_chat(row: Mapping, config: DataConfig) -> PairExample:
         )
     elif prompt is not None:
         check_unicode(prompt, config.prompt_field)
+    given = {config.chosen_field: chosen, config.rejected_field: rejected}
     prompt, chosen, rejected = split_conversation(prompt, chosen, rejected)
     for field, messages in ((config.chosen_field, chosen), (config.rejected_field, rejected)):
         if not messages or any(not m["content"].strip() for m in messages):
             raise InvalidRow(f"empty completion in field {field!r}")
+        check_completion_turns(messages, given[field], field)
     return PairExample("chat", prompt, chosen, rejected)
 
 

@@ -3,15 +3,18 @@
 Local files (JSON lines, JSON, Parquet, CSV) and folders go through ``datasets.load_dataset``;
 directories written by ``save_to_disk`` through ``load_from_disk``; other strings are handed to
 ``load_dataset`` as a hub name. When a JSON file does not load as a table, it is read again in
-Python to name the broken line or the row with the wrong type.
+Python to name the broken line or the row with the wrong type. Text files are read as bytes and
+split on "\n" only; a line that is not UTF-8 is named (`DataError`), as is a path that does not
+exist (a string that cannot be a hub name is taken as a path).
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import datasets
 import pyarrow as pa
 
 from dpokit.hashing import file_sha256
+from dpokit.paths import looks_like_path
 
 from .config import DataConfig
 from .errors import DataError, InvalidRow
@@ -41,8 +45,8 @@ class RowLocator:
             return index, "row"
         if self._line_numbers is None:
             # Only computed on an error: the table reader skips blank lines, so rows != lines.
-            with _open_text(self.jsonl_path) as f:
-                self._line_numbers = [n for n, line in enumerate(f, 1) if line.strip()]
+            lines = decoded_lines(self.jsonl_path)
+            self._line_numbers = [n for n, line in lines if line.strip()]
         if index < len(self._line_numbers):
             return self._line_numbers[index], "line"
         return index, "row"
@@ -73,8 +77,8 @@ def load_source(source, config: DataConfig, split: str | None = None) -> Source:
             return _from_file(path, config, split)
         if path.is_dir():
             return _from_dir(path, config, split)
-        if _data_suffix(path) in BUILDERS:
-            raise DataError("no such file", source=str(path))
+        if _data_suffix(path) in BUILDERS or looks_like_path(str(source)):
+            raise DataError("no such file or directory", source=str(source))
         return _from_hub(str(source), config, split)
     raise TypeError(
         "source must be a path, a dataset name, a datasets.Dataset/DatasetDict or a list of dicts, "
@@ -113,7 +117,12 @@ def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
         )
     except Exception as error:  # noqa: BLE001 - re-read to name the bad line, else re-raise
         if builder != "json":
-            raise DataError(f"cannot load the {builder} file: {error}", source=str(path)) from error
+            if builder == "csv":
+                for _ in decoded_lines(path):  # a byte that is not UTF-8: name its line
+                    pass
+            raise DataError(
+                f"cannot load the {builder} file: {root_cause(error)}", source=str(path)
+            ) from error
         dataset = _rebuild_from_rows(_json_rows(path, jsonl), str(path), config, error)
     else:
         if jsonl and split in (None, "train") and len(dataset) != _count_lines(path):
@@ -158,7 +167,11 @@ def _pick_split(dataset_dict: datasets.DatasetDict, split: str | None, name: str
         return dataset_dict["train"]
     if len(dataset_dict) == 1:
         return next(iter(dataset_dict.values()))
-    raise DataError(f"several splits {sorted(dataset_dict)}: pass split=", source=name)
+    raise DataError(
+        f"several splits {sorted(dataset_dict)}: choose one with data_split=NAME "
+        "(the `split` argument in Python)",
+        source=name,
+    )
 
 
 def reread_mixed_pairs(src: Source, config: DataConfig) -> Source:
@@ -183,26 +196,26 @@ def reread_mixed_pairs(src: Source, config: DataConfig) -> Source:
 
 def _json_rows(path: Path, jsonl: bool) -> list[tuple[int, str, object]]:
     """(line number or row index, "line"/"row", parsed row); a broken line raises `DataError`."""
-    with _open_text(path) as f:
-        if not jsonl:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", source=str(path)
-                ) from None
-            if not isinstance(data, list):
-                raise DataError("expected a JSON list of objects", source=str(path))
-            return [(i, "row", row) for i, row in enumerate(data)]
-        rows = []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, "line", json.loads(line)))
-            except json.JSONDecodeError as e:
-                message = f"invalid JSON (column {e.colno}): {e.msg}"
-                raise DataError(message, str(path), number, "line") from None
+    if not jsonl:
+        text = "\n".join(line for _, line in decoded_lines(path))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", source=str(path)
+            ) from None
+        if not isinstance(data, list):
+            raise DataError("expected a JSON list of objects", source=str(path))
+        return [(i, "row", row) for i, row in enumerate(data)]
+    rows = []
+    for number, line in decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, "line", json.loads(line)))
+        except json.JSONDecodeError as e:
+            message = f"invalid JSON (column {e.colno}): {e.msg}"
+            raise DataError(message, str(path), number, "line") from None
     return rows
 
 
@@ -261,24 +274,51 @@ def _data_suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
-def _open_text(path):
-    path = str(path)
-    # utf-8-sig: a byte-order mark (Windows editors) is not part of the first row.
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+def _open_binary(path):
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def decoded_lines(path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without the "\n") of a UTF-8 text file (``.gz`` too).
+
+    Lines end at "\n" only, as JSON lines do: U+0085, U+2028 and a lone "\r" inside a line are
+    text. A byte-order mark (Windows editors) is not part of the first line. A line that is not
+    UTF-8 raises `DataError` naming the file, the line and the byte.
+    """
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield number, raw.decode("utf-8").removesuffix("\n")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"not UTF-8 text: byte {raw[e.start]:#04x} at byte {e.start + 1} of the line "
+                    f"({e.reason}); save the file as UTF-8",
+                    str(path),
+                    number,
+                    "line",
+                ) from None
 
 
 def _count_lines(path) -> int:
     """Non-blank lines: the rows a JSON-lines file holds."""
-    with _open_text(path) as f:
-        return sum(1 for line in f if line.strip())
+    return sum(1 for _, line in decoded_lines(path) if line.strip())
 
 
 def _is_json_lines(path: Path) -> bool:
     """A ``.json`` file holding one object per line is JSON lines too; a list is not."""
     if _data_suffix(path) == ".jsonl":
         return True
-    with _open_text(path) as f:
-        head = f.read(4096).lstrip()
-    return not head.startswith("[")
+    with _open_binary(path) as f:
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    return not head.startswith(b"[")
+
+
+def root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause of a library error (``datasets`` wraps the reader's
+    error in "An error occurred while generating the dataset")."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -45,7 +45,15 @@ from .formats import Format, read_messages, register_format
 from .loading import RowLocator, load_source
 from .pipeline import PreparedData, RowGuard, pairs_fingerprint, tokenize_rows
 from .rows import cache_path, dataset_column_kinds, detect_source_format, kept_rows, source_rows
-from .summary import COMPLETIONS_TRUNCATED, DROP_REASON, IDENTICAL, PROMPT_TRUNCATED
+from .summary import (
+    COMPLETIONS_TRUNCATED,
+    DROP_REASON,
+    IDENTICAL,
+    IDENTICAL_AFTER_TRUNCATION,
+    IDENTICAL_AFTER_TRUNCATION_REASON,
+    IDENTICAL_REASON,
+    PROMPT_TRUNCATED,
+)
 from .tokenization import PairEncoder
 
 START_FIELD = "segment_start"
@@ -356,22 +364,25 @@ class SegmentRowProcessor(RowGuard):
         out.update(
             {PROMPT_TRUNCATED: [], COMPLETIONS_TRUNCATED: [], DROP_REASON: [], IDENTICAL: []}
         )
+        out[IDENTICAL_AFTER_TRUNCATION] = []
         for i, index in enumerate(indices):
             row = {column: values[i] for column, values in batch.items()}
-            encoded, reason, identical = self._guard(index, self._encode, row)
-            for column in COLUMNS:
-                out[column].append(getattr(encoded, column) if encoded else [])
+            encoded, reason, identical, after_truncation = self._guard(index, self._encode, row)
+            for column in COLUMNS:  # a dropped row keeps no ids, but its truncation counts
+                out[column].append(getattr(encoded, column) if encoded and not reason else [])
             out[PROMPT_TRUNCATED].append(bool(encoded and encoded.prompt_truncated))
             out[COMPLETIONS_TRUNCATED].append(encoded.completions_truncated if encoded else 0)
             out[DROP_REASON].append(reason)
-            out[IDENTICAL].append(identical)
+            out[IDENTICAL].append(identical or after_truncation)
+            out[IDENTICAL_AFTER_TRUNCATION].append(after_truncation)
         return out
 
-    def _encode(self, row: dict) -> tuple[EncodedSegmentPair | None, str, bool]:
-        """(encoded pair or None when dropped, drop reason or "", identical sessions?)."""
+    def _encode(self, row: dict) -> tuple[EncodedSegmentPair | None, str, bool, bool]:
+        """(encoded pair or None, drop reason or "", identical sessions?, identical only after
+        truncation?); a row with a drop reason is dropped."""
         pair = self.fmt.normalize(row, self.config)
         if pair.identical and self.config.identical_pairs == "drop":
-            return None, "identical pair", True
+            return None, IDENTICAL_REASON, True, False
         if pair.start is None:
             raise InvalidRow(
                 "chosen and rejected are the same session: there is no differing segment "
@@ -380,8 +391,14 @@ class SegmentRowProcessor(RowGuard):
         encoded = self.encoder.encode(pair)
         for mask in (encoded.chosen_completion_mask, encoded.rejected_completion_mask):
             if not any(mask):
-                return None, "segment truncated away", pair.identical
-        return encoded, "", pair.identical
+                return None, "segment truncated away", pair.identical, False
+        after_truncation = not pair.identical and (
+            (encoded.chosen_input_ids, encoded.chosen_completion_mask)
+            == (encoded.rejected_input_ids, encoded.rejected_completion_mask)
+        )
+        if after_truncation and self.config.identical_pairs == "drop":
+            return encoded, IDENTICAL_AFTER_TRUNCATION_REASON, False, True
+        return encoded, "", pair.identical, after_truncation
 
 
 def _features() -> Features:
@@ -397,6 +414,7 @@ def _features() -> Features:
             COMPLETIONS_TRUNCATED: Value("int8"),
             DROP_REASON: Value("string"),
             IDENTICAL: Value("bool"),
+            IDENTICAL_AFTER_TRUNCATION: Value("bool"),
         }
     )
 

@@ -20,6 +20,9 @@ from .summary import (
     COMPLETIONS_TRUNCATED,
     DROP_REASON,
     IDENTICAL,
+    IDENTICAL_AFTER_TRUNCATION,
+    IDENTICAL_AFTER_TRUNCATION_REASON,
+    IDENTICAL_REASON,
     PROMPT_TRUNCATED,
     DataSummary,
     summarize,
@@ -29,7 +32,7 @@ from .tokenization import PairEncoder, tokenizer_fingerprint
 logger = logging.getLogger("dpokit.data")
 
 # Bump when the tokenized output of the same input and settings changes: old caches then miss.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: pairs identical only after truncation are counted (and dropped)
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
@@ -172,7 +175,7 @@ class PairRowProcessor(RowGuard):
         rows = [{column: values[i] for column, values in batch.items()} for i in range(n)]
         out = {column: [[] for _ in range(n)] for column in TOKEN_COLUMNS}
         out.update({PROMPT_TRUNCATED: [False] * n, COMPLETIONS_TRUNCATED: [0] * n})
-        out.update({DROP_REASON: [], IDENTICAL: []})
+        out.update({DROP_REASON: [], IDENTICAL: [], IDENTICAL_AFTER_TRUNCATION: [False] * n})
         if self.has_scores:
             out.update({column: [] for column in SCORE_COLUMNS})
         texts, pending = [], []  # rendered texts of the rows to tokenize, and their positions
@@ -190,12 +193,26 @@ class PairRowProcessor(RowGuard):
         ids = [self.encoder.tokenize([t[k] for t in texts]) for k in range(3)]
         for j, position in enumerate(pending):
             encoded = self._guard(indices[position], self.encoder.finish, *(c[j] for c in ids))
+            out[PROMPT_TRUNCATED][position] = encoded.prompt_truncated
+            out[COMPLETIONS_TRUNCATED][position] = encoded.completions_truncated
+            if self._identical_after_truncation(encoded, out, position):
+                continue  # dropped: its ids stay empty
             out["prompt_input_ids"][position] = encoded.prompt_input_ids
             out["chosen_input_ids"][position] = encoded.chosen_input_ids
             out["rejected_input_ids"][position] = encoded.rejected_input_ids
-            out[PROMPT_TRUNCATED][position] = encoded.prompt_truncated
-            out[COMPLETIONS_TRUNCATED][position] = encoded.completions_truncated
         return out
+
+    def _identical_after_truncation(self, encoded, out: dict, position: int) -> bool:
+        """Mark a pair whose texts differ but whose completions' tokens do not (truncation cut
+        both to the same start): identical, as pairs identical in the text are, and dropped with
+        ``identical_pairs="drop"``. Returns whether it was dropped."""
+        if out[IDENTICAL][position] or encoded.chosen_input_ids != encoded.rejected_input_ids:
+            return False
+        out[IDENTICAL][position] = out[IDENTICAL_AFTER_TRUNCATION][position] = True
+        if self.config.identical_pairs != "drop":
+            return False
+        out[DROP_REASON][position] = IDENTICAL_AFTER_TRUNCATION_REASON
+        return True
 
     def _read(self, row: dict):
         """(example, scores, drop reason or "", rendered texts or None when dropped)."""
@@ -212,7 +229,7 @@ class PairRowProcessor(RowGuard):
                 "(bad_scores='drop' drops such rows)"
             )
         if not reason and example.identical and self.config.identical_pairs == "drop":
-            reason = "identical pair"
+            reason = IDENTICAL_REASON
         return reason
 
     @staticmethod
@@ -242,7 +259,11 @@ def _check_scores(kinds: dict, config: DataConfig, name: str) -> bool:
     fields = (config.score_chosen_field, config.score_rejected_field)
     missing = [f for f in fields if kinds.get(f) in (None, "null")]
     if config.require_scores and missing:
-        raise DataError(f"require_scores is set but the data has no {missing} column", source=name)
+        raise DataError(
+            f"require_scores is set but the data has no {missing} column: the method (ODPO) "
+            f"reads a score of each completion from columns {list(fields)}",
+            source=name,
+        )
     return scores_present(kinds, config)
 
 
@@ -255,6 +276,7 @@ def _features(has_scores: bool) -> Features:
         {
             DROP_REASON: Value("string"),
             IDENTICAL: Value("bool"),
+            IDENTICAL_AFTER_TRUNCATION: Value("bool"),
             PROMPT_TRUNCATED: Value("bool"),
             COMPLETIONS_TRUNCATED: Value("int8"),
         }
@@ -283,9 +305,11 @@ def _report(summary: DataSummary) -> None:
     logger.info("%s", summary.format())
     if summary.identical_pairs:
         logger.warning(
-            "%s: %d row(s) with chosen identical to rejected, %s (identical_pairs=%r)",
+            "%s: %d row(s) with chosen identical to rejected (%d of them only after truncation "
+            "to the same tokens), %s (identical_pairs=%r)",
             summary.source,
             summary.identical_pairs,
+            summary.identical_after_truncation,
             "kept" if summary.identical_pairs_action == "keep" else "dropped",
             summary.identical_pairs_action,
         )

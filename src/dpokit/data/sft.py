@@ -5,8 +5,8 @@ in :data:`dpokit.data.formats.FORMATS` with ``task="sft"``):
 
 - ``prompt`` + ``completion`` strings;
 - ``prompt`` (string or message list, or absent) + ``completion`` message list (chat template);
-- ``messages``: one conversation whose LAST assistant turn is the completion, everything before it
-  the prompt (turns after it are ignored).
+- ``messages``: one conversation whose last turn, an assistant turn, is the completion, everything
+  before it the prompt (a conversation ending in another turn is refused with its line).
 
 Everything else is the pairs pipeline's machinery (:mod:`dpokit.data.pipeline`): the same loading,
 row-level `DataError`s, BOS/EOS handling and truncation (`PairEncoder`), summary and on-disk cache.
@@ -21,7 +21,7 @@ import torch
 
 from .config import DataConfig
 from .errors import InvalidRow
-from .formats import Format, read_messages, read_text, register_format
+from .formats import Format, check_completion_turns, read_messages, read_text, register_format
 from .loading import load_source
 from .pipeline import PreparedData, pairs_fingerprint, tokenize_rows
 from .rows import cache_path, dataset_column_kinds, detect_source_format, kept_rows, source_rows
@@ -63,7 +63,7 @@ def _detect_chat(kinds: Mapping[str, str], config: DataConfig) -> bool:
 
 
 def _normalize_chat(row: Mapping, config: DataConfig) -> SFTExample:
-    completion = read_messages(row, COMPLETION_FIELD)
+    given = completion = read_messages(row, COMPLETION_FIELD)
     prompt = row.get(config.prompt_field)
     if isinstance(prompt, list):
         prompt = read_messages(row, config.prompt_field)
@@ -81,6 +81,7 @@ def _normalize_chat(row: Mapping, config: DataConfig) -> SFTExample:
         )
     if not completion or any(not m["content"].strip() for m in completion):
         raise InvalidRow(f"empty completion in field {COMPLETION_FIELD!r}")
+    check_completion_turns(completion, given, COMPLETION_FIELD)
     return SFTExample("chat", prompt, completion)
 
 
@@ -93,10 +94,13 @@ def _normalize_messages(row: Mapping, config: DataConfig) -> SFTExample:
 
 
 def _split_last_assistant(messages: list[dict], field: str) -> SFTExample:
-    """Prompt = the turns before the last assistant turn; completion = that turn."""
+    """Prompt = the turns before the last turn, which must be an assistant turn; completion =
+    that turn. A conversation that ends in another turn is refused, not cut: it is usually a row
+    built wrongly, and training on a shortened one would hide that."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise InvalidRow(f"field {field!r} has no assistant turn to train on")
+    check_completion_turns(messages[last:], messages, field)
     if last == 0:
         raise InvalidRow(f"field {field!r}: the assistant turn needs at least one turn before it")
     if not messages[last]["content"].strip():

@@ -13,7 +13,13 @@ from .errors import InvalidRow
 from .formats import Format, PairExample
 from .loading import RowLocator
 from .pipeline import RowGuard
-from .summary import COMPLETIONS_TRUNCATED, DROP_REASON, IDENTICAL, PROMPT_TRUNCATED
+from .summary import (
+    COMPLETIONS_TRUNCATED,
+    DROP_REASON,
+    IDENTICAL,
+    IDENTICAL_AFTER_TRUNCATION,
+    PROMPT_TRUNCATED,
+)
 from .tokenization import PairEncoder
 
 
@@ -57,7 +63,7 @@ class CompletionRowProcessor(RowGuard):
             out[PROMPT_TRUNCATED].append(prompt_cut)
             out[COMPLETIONS_TRUNCATED].append(completion_cut)
         out[DROP_REASON] = [""] * n
-        out[IDENTICAL] = [False] * n
+        out[IDENTICAL], out[IDENTICAL_AFTER_TRUNCATION] = [False] * n, [False] * n
         return out
 
     def _extras(self, example) -> tuple:
@@ -97,5 +103,6 @@ def completion_features(extra: dict | None = None) -> Features:
             COMPLETIONS_TRUNCATED: Value("int8"),
             DROP_REASON: Value("string"),
             IDENTICAL: Value("bool"),
+            IDENTICAL_AFTER_TRUNCATION: Value("bool"),
         }
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from dpokit.errors import ModelError
 from dpokit.hashing import json_digest
 
 from .config import DataConfig
@@ -38,7 +39,10 @@ class PairEncoder:
 
     def __init__(self, tokenizer, config: DataConfig) -> None:
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token; completions must end with one")
+            raise ModelError(
+                f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; "
+                "completions must end with one: set tokenizer.eos_token and save it"
+            )
         self.tokenizer = tokenizer
         self.config = config
         self.chat_template = config.chat_template or getattr(tokenizer, "chat_template", None)

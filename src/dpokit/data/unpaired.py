@@ -4,7 +4,8 @@ Accepted layouts (registered in :data:`dpokit.data.formats.FORMATS` with ``task=
 
 - ``prompt`` + ``completion`` strings, ``label`` true/false (true = desirable, thumbs-up);
 - ``prompt`` (string, message list, or absent) + ``completion`` message list + ``label``; without a
-  prompt the completion's last turn is the completion and the turns before it the prompt;
+  prompt the completion's last turn (an assistant turn) is the completion, the turns before it the
+  prompt;
 - any preference-pair layout (:func:`dpokit.data.prepare_pairs`): each pair becomes one desirable
   example (prompt, chosen) and one undesirable example (prompt, rejected); the log says so.
 
@@ -35,7 +36,14 @@ from dpokit.hashing import derive_fingerprint
 from .collate import PairCollator
 from .config import DataConfig
 from .errors import DataError, InvalidRow
-from .formats import Format, detect_format, read_messages, read_text, register_format
+from .formats import (
+    Format,
+    check_completion_turns,
+    detect_format,
+    read_messages,
+    read_text,
+    register_format,
+)
 from .loading import load_source
 from .pipeline import PreparedData, pairs_fingerprint, prepare_pairs, tokenize_rows
 from .rows import cache_path, dataset_column_kinds, source_rows
@@ -98,7 +106,7 @@ def _detect_chat(kinds: Mapping[str, str], config: DataConfig) -> bool:
 
 
 def _normalize_chat(row: Mapping, config: DataConfig) -> UnpairedExample:
-    completion = read_messages(row, COMPLETION_FIELD)
+    given = completion = read_messages(row, COMPLETION_FIELD)
     prompt = row.get(config.prompt_field)
     if isinstance(prompt, list):
         prompt = read_messages(row, config.prompt_field)
@@ -120,6 +128,7 @@ def _normalize_chat(row: Mapping, config: DataConfig) -> UnpairedExample:
         )
     if not completion or any(not m["content"].strip() for m in completion):
         raise InvalidRow(f"empty completion in field {COMPLETION_FIELD!r}")
+    check_completion_turns(completion, given, COMPLETION_FIELD)
     return UnpairedExample("chat", prompt, completion, read_label(row))
 
 
@@ -157,7 +166,8 @@ def prepare_unpaired(
     Returns a `PreparedData` whose dataset has ``prompt_input_ids``, ``completion_input_ids``
     (ending with EOS unless truncated), ``kl_completion_input_ids`` (the completion of the
     mismatched pair, see the module docstring), ``label`` (bool, True = desirable) and ``index``.
-    Raises `DataError` naming the source and line/row for bad input.
+    Raises `DataError` naming the source and line/row for bad input, and for examples that all
+    carry the same label (`check_both_labels`).
     """
     config = config or DataConfig()
     src = load_source(source, config, split)
@@ -190,6 +200,7 @@ def prepare_unpaired(
     examples = mapped.remove_columns(
         list(STATUS_COLUMNS), new_fingerprint=derive_fingerprint(fingerprint, "out")
     )
+    check_both_labels(examples, src.name)
     examples = with_mismatched_completions(examples, fingerprint)
     return PreparedData(examples, summary, fingerprint, False, cache_file, from_cache)
 
@@ -260,6 +271,25 @@ def _unpair(batch: dict[str, list]) -> dict[str, list]:
             out["completion_input_ids"].append(completion)
             out[LABEL_FIELD].append(desirable)
     return out
+
+
+def check_both_labels(examples: datasets.Dataset, source: str) -> None:
+    """Refuse KTO examples that are all desirable or all undesirable (`DataError`).
+
+    With one kind KTO's loss pushes every log-ratio the same way, away from a reference point z0
+    that only tracks it, and the paper's balance lam_D*n_D / (lam_U*n_U) is 0 or infinite: no
+    weight setting makes that a KTO run. SFT (``dpokit sft``) trains on desirable examples alone.
+    """
+    desirable = int(pc.sum(pc.cast(examples.data.column(LABEL_FIELD), "int64")).as_py() or 0)
+    undesirable = len(examples) - desirable
+    if desirable and undesirable:
+        return
+    raise DataError(
+        f"KTO needs both desirable ({LABEL_FIELD}=true) and undesirable ({LABEL_FIELD}=false) "
+        f"examples; got {desirable} desirable and {undesirable} undesirable. With one kind its "
+        "loss has nothing to contrast (for desirable examples alone use `dpokit sft`)",
+        source=source,
+    )
 
 
 class UnpairedRowProcessor(CompletionRowProcessor):

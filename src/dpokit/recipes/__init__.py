@@ -22,6 +22,7 @@ from dpokit.config import TrainConfig
 from dpokit.distributed import init_processes
 from dpokit.engine import Trainer, TrainResult
 from dpokit.losses import get_method
+from dpokit.paths import check_run_paths
 from dpokit.recipes.spin import run_spin
 from dpokit.recipes.stepwise import run_stepwise
 
@@ -40,6 +41,7 @@ def run(config: TrainConfig) -> TrainResult:
     an unknown method, :class:`~dpokit.config.ConfigError` / :class:`~dpokit.data.DataError` for
     bad settings or data (before any weights load).
     """
+    check_run_paths(config)  # one-line errors before anything loads (dpokit.paths)
     init_processes()  # before a recipe's first PartialState(): it would settle the backend
     spec = get_method(config.method)
     if spec.recipe is None:

@@ -158,7 +158,10 @@ def generate_answers(
                 model,
                 tokenizer,
                 prompts.prompt_input_ids[start : start + size],
-                max_new_tokens=min(hyperparameters["max_new_tokens"], config.max_length),
+                max_new_tokens=min(
+                    hyperparameters["max_new_tokens"],
+                    config.max_length or hyperparameters["max_new_tokens"],  # None: no bound
+                ),
                 temperature=hyperparameters["temperature"] if not greedy else 1.0,
                 top_p=hyperparameters["top_p"],
                 batch_size=size,

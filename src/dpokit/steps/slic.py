@@ -170,7 +170,8 @@ def draw_samples(trainer, data) -> list[list[int]]:
         model = trainer.policy.model.to(device)  # the starting policy, before any step
         switch = model.disable_adapter() if is_peft_model(model) else None  # LoRA: the base
     prompts = [list(ids) for ids in data.dataset["prompt_input_ids"]]
-    budgets = [config.max_length - len(p) for p in prompts]  # prompt + target <= max_length
+    # prompt + target <= max_length (None: no bound, max_new_tokens only)
+    budgets = [(config.max_length or len(p) + hp["max_new_tokens"]) - len(p) for p in prompts]
     with switch or contextlib.nullcontext():
         targets = generate_completions(
             model,
