@@ -239,13 +239,17 @@ def run_method(built: Built, method: str, out: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(built, tmp_path_factory) -> Run:
-    return run_method(built, "dpo", tmp_path_factory.mktemp("dpo"))
+def dpo_run(built, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo")
+    yield run_method(built, "dpo", out)
+    shutil.rmtree(out, ignore_errors=True)  # final/ of a full fine-tune is a GB-sized copy
 
 
 @pytest.fixture(scope="module")
-def tdpo_run(built, tmp_path_factory) -> Run:
-    return run_method(built, "tdpo2", tmp_path_factory.mktemp("tdpo2"))
+def tdpo_run(built, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tdpo2")
+    yield run_method(built, "tdpo2", out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_dpo_first_loss_is_ln2(request, built, dpo_run):
