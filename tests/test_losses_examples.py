@@ -163,7 +163,7 @@ def test_kto_baseline_clamped_at_zero():
 
 
 def test_kto_weights():
-    # desirable_weight=2 doubles the desirable loss: 2*0.4850045 = 0.970009 (unrounded 0.9700090); undesirable unchanged
+    # desirable_weight=2 doubles the desirable loss: 2*0.4850045 = 0.970009; undesirable unchanged
     out = kto_loss(
         t(-10.0, -12.0), t(-11.0, -11.0), torch.tensor([True, False]), 0.4, desirable_weight=2.0
     )
