@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -20,8 +22,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
+import dpokit
 from dpokit import train
-from dpokit.cache import manifest_path, read_verified, write_verified
+from dpokit.cache import manifest_path, read_verified
 from dpokit.data import DataConfig, prepare_pairs
 from dpokit.data.pipeline import verified_cache
 from helpers import train_config
@@ -176,31 +179,48 @@ def test_a_verified_entry_is_a_quiet_hit(tiny_dir, pairs_file, tmp_path, caplog)
 
 # ---- two writers at once ------------------------------------------------------------------------
 
+# Plain subprocesses running only what they need: spawning workers that import this test module
+# (torch, transformers, the engine) would take most of the test's time on a busy machine.
+WRITER = """
+import sys
+from pathlib import Path
+from dpokit.cache import write_verified
+fill = int(sys.argv[2])
+for _ in range(100):
+    write_verified(Path(sys.argv[1]), bytes([fill]) * (1000 + fill))
+"""
 
-def _write_many(path: str, fill: int, times: int) -> None:
-    for _ in range(times):
-        write_verified(Path(path), bytes([fill]) * (1000 + fill))
+TOKENIZER = """
+import sys
+from pathlib import Path
+import datasets
+from transformers import AutoTokenizer
+from dpokit.data import DataConfig, prepare_pairs
+data, tokenizer_dir, cache_dir, hf_cache = sys.argv[1:]
+datasets.config.HF_DATASETS_CACHE = Path(hf_cache)
+settings = DataConfig(cache_dir=cache_dir, max_length=64, max_prompt_length=32)
+prepare_pairs(data, AutoTokenizer.from_pretrained(tokenizer_dir), settings)
+"""
+
+
+def start(script: str, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(dpokit.__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env)
 
 
 def test_concurrent_writers_leave_a_valid_entry(tmp_path):
-    """Two processes publish different contents under one name 200 times each: the entry is
-    always one writer's whole file with that file's checksum."""
+    """Two processes publish different contents under one name 100 times each: the entry is
+    always one writer's whole file with that file's checksum, also to a reader in between."""
     path = tmp_path / "entry.bin"
-    context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_write_many, args=(str(path), k, 200)) for k in (1, 2)]
-    for writer in writers:
-        writer.start()
-    seen = set()
-    while any(w.is_alive() for w in writers):
+    writers = [start(WRITER, path, fill) for fill in (1, 2)]
+    valid, seen = {b"\1" * 1001, b"\2" * 1002}, set()
+    while any(writer.poll() is None for writer in writers):
         data = read_verified(path, "test")
-        if data is not None:  # a reader in between sees a whole, verified entry or nothing
+        if data is not None:
             seen.add(data)
-    for writer in writers:
-        writer.join()
-        assert writer.exitcode == 0
-    data = read_verified(path, "test")
-    assert data in (b"\1" * 1001, b"\2" * 1002)
-    assert seen <= {b"\1" * 1001, b"\2" * 1002}
+    assert [writer.wait() for writer in writers] == [0, 0]
+    assert read_verified(path, "test") in valid
+    assert seen <= valid
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".entry.bin.lock",
         "entry.bin",
@@ -208,31 +228,16 @@ def test_concurrent_writers_leave_a_valid_entry(tmp_path):
     ]  # no temporary file left behind
 
 
-def _prepare(data: str, tokenizer_dir: str, cache_dir: str, hf_cache: str) -> None:
-    from transformers import AutoTokenizer
-
-    datasets.config.HF_DATASETS_CACHE = Path(hf_cache)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    prepare_pairs(
-        data, tokenizer, DataConfig(cache_dir=cache_dir, max_length=64, max_prompt_length=32)
-    )
-
-
 def test_concurrent_tokenizing_runs_leave_a_valid_arrow_entry(tiny_dir, tiny_tokenizer, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", rows=200)
-    args = (data, str(tiny_dir), str(tmp_path / "cache"), str(tmp_path / "hf"))
-    context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_prepare, args=args) for _ in range(2)]
-    for writer in writers:
-        writer.start()
-    for writer in writers:
-        writer.join()
-        assert writer.exitcode == 0
-    (file,) = (tmp_path / "cache" / "dpokit").glob("pairs-*.arrow")
+    cache = tmp_path / "cache"
+    writers = [start(TOKENIZER, data, tiny_dir, cache, tmp_path / "hf") for _ in range(2)]
+    assert [writer.wait() for writer in writers] == [0, 0]
+    (file,) = (cache / "dpokit").glob("pairs-*.arrow")
     assert verified_cache(str(file))
-    prepared = prepare_pairs(
-        data, tiny_tokenizer, DataConfig(cache_dir=args[2], max_length=64, max_prompt_length=32)
-    )
+    settings = DataConfig(cache_dir=str(cache), max_length=64, max_prompt_length=32)
+    prepared = prepare_pairs(data, tiny_tokenizer, settings)
     assert prepared.from_cache
     fresh = prepare_pairs(data, tiny_tokenizer, DataConfig(max_length=64, max_prompt_length=32))
+    assert not fresh.from_cache
     assert prepared.dataset["chosen_input_ids"] == fresh.dataset["chosen_input_ids"]
