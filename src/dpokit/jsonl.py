@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +36,17 @@ class JsonlError(ValueError):
     """A JSON-lines file that cannot be read back: the message names the file and the line."""
 
 
-def dumps_line(record: Any) -> str:
+def dumps_line(record: Any, default: Callable[[Any], Any] | None = None) -> str:
     """``record`` as one JSON line, "\\n" included: non-ASCII kept, line separators and lone
-    surrogates escaped (see the module docstring). Raises ``TypeError`` for values JSON cannot
-    hold, ``ValueError`` for a circular structure."""
-    text = json.dumps(record, ensure_ascii=False)
+    surrogates escaped (see the module docstring). ``default`` converts values JSON cannot hold
+    (as in ``json.dumps``); without it they raise ``TypeError``."""
+    text = json.dumps(record, ensure_ascii=False, default=default)
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
-def dumps(records: Iterable[Any]) -> str:
+def dumps(records: Iterable[Any], default: Callable[[Any], Any] | None = None) -> str:
     """The JSON lines of ``records`` (:func:`dumps_line` each), as one string."""
-    return "".join(dumps_line(record) for record in records)
+    return "".join(dumps_line(record, default) for record in records)
 
 
 def encode(records: Iterable[Any]) -> bytes:
@@ -54,40 +54,50 @@ def encode(records: Iterable[Any]) -> bytes:
     return dumps(records).encode("utf-8")
 
 
-def iter_lines(data: bytes, name: str = "<bytes>") -> Iterator[tuple[int, str]]:
+def _decode(raw: bytes, name: str, number: int, strict: bool = True) -> str:
+    try:
+        return raw.decode("utf-8", "strict" if strict else "replace")
+    except UnicodeDecodeError as error:
+        raise JsonlError(
+            f"{name}, line {number}: not UTF-8 (byte {raw[error.start]:#04x} at byte "
+            f"{error.start + 1} of the line)"
+        ) from None
+
+
+def iter_lines(
+    data: bytes, name: str = "<bytes>", strict: bool = True
+) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of each line of ``data``, split on b"\\n" only.
 
-    Raises :class:`JsonlError` naming ``name`` and the line for bytes that are not UTF-8.
+    Raises :class:`JsonlError` naming ``name`` and the line for bytes that are not UTF-8; with
+    ``strict=False`` they are decoded as U+FFFD instead (for a log whose broken lines are
+    skipped anyway).
     """
     for number, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            yield number, raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise JsonlError(
-                f"{name}, line {number}: not UTF-8 (byte {raw[error.start]:#04x} at byte "
-                f"{error.start + 1} of the line)"
-            ) from None
+        yield number, _decode(raw, name, number, strict)
 
 
 def parse(data: bytes, name: str = "<bytes>", partial_tail: bool = False) -> list[Any]:
     """The records of the JSON-lines bytes ``data`` (blank lines skipped).
 
-    ``partial_tail``: drop a last line that is not valid JSON and has no "\\n" after it (the half
-    record a killed writer of an append-only log leaves). Raises :class:`JsonlError` naming
+    ``partial_tail``: drop a last line that is not UTF-8 JSON and has no "\\n" after it (the
+    half record a killed writer of an append-only log leaves). Raises :class:`JsonlError` naming
     ``name`` and the line for any other line that is not UTF-8 JSON.
     """
+    lines = data.split(b"\n")
+    tail = len(lines) if partial_tail and not data.endswith(b"\n") else None
     records = []
-    complete = data.endswith(b"\n")
-    lines = list(iter_lines(data, name))
-    for number, line in lines:
-        if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(_decode(raw, name, number)))
+        except JsonlError:
+            if number != tail:
+                raise
         except json.JSONDecodeError as error:
-            if partial_tail and number == len(lines) and not complete:
-                break
-            raise JsonlError(f"{name}, line {number}: invalid JSON ({error.msg})") from None
+            if number != tail:
+                raise JsonlError(f"{name}, line {number}: invalid JSON ({error.msg})") from None
     return records
 
 
