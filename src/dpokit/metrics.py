@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dpokit import jsonl
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -58,8 +60,8 @@ class MetricsWriter:
         """Append ``record`` as one JSON line (main process only)."""
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(jsonl.dumps_line(record))
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records a killed run wrote after its last checkpoint."""
@@ -67,10 +69,10 @@ class MetricsWriter:
             return
         kept = [
             line
-            for line in self.path.read_text().splitlines()
+            for _, line in jsonl.iter_lines(self.path.read_bytes(), strict=False)
             if (record := _parse(line)) is not None and record.get("step", 0) <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _parse(line: str) -> dict | None:
@@ -82,6 +84,7 @@ def _parse(line: str) -> dict | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl``, in order."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``run_dir/metrics.jsonl``, in order (:mod:`dpokit.jsonl`; the half line a
+    killed run left at the end is skipped). Raises ``OSError`` when the file cannot be read and
+    :class:`~dpokit.jsonl.JsonlError` naming a broken line."""
+    return jsonl.read(Path(run_dir) / METRICS_FILE, partial_tail=True)

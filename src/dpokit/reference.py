@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from dpokit.cache import discard, read_verified, write_verified
 from dpokit.distributed import (
     log_sharded_plan,
     refuse_other_reference,
@@ -214,32 +216,40 @@ def default_cache_dir() -> Path:
     return Path(root) / "reference_logps"
 
 
+CACHE_NAME = "reference log-probs cache"
+
+
 def load_cached(cache_dir: Path, key: CacheKey, num_rows: int) -> PrecomputedReference | None:
-    """The cached table of ``key`` when it exists and has ``num_rows`` rows, else None."""
+    """The cached table of ``key`` when it exists, matches its checksum (:mod:`dpokit.cache`)
+    and has ``num_rows`` rows, else None. A corrupt, truncated or unchecked file is reported in
+    one line and removed."""
     file = cache_dir / f"{key.digest}.safetensors"
-    if not file.exists():
+    data = read_verified(file, CACHE_NAME)
+    if data is None:
         return None
-    tensors = load_file(str(file))
-    if tensors["logps"].shape != (num_rows, 2):
-        logger.warning("reference cache %s has the wrong shape; recomputing", file)
+    try:
+        tensors = load_safetensors(data)
+        logps, counts = tensors["logps"], tensors["token_counts"]
+    except Exception as error:  # noqa: BLE001 - a verified file a reader refuses: written bad
+        discard(file, CACHE_NAME, f"{file} does not load ({type(error).__name__})")
         return None
-    return PrecomputedReference(tensors["logps"], tensors["token_counts"])
+    if logps.shape != (num_rows, 2) or counts.shape != (num_rows, 2):
+        discard(file, CACHE_NAME, f"{file} holds {logps.shape[0]} rows, not {num_rows}")
+        return None
+    return PrecomputedReference(logps, counts)
 
 
 def save_cached(cache_dir: Path, key: CacheKey, reference: PrecomputedReference) -> Path:
-    """Write atomically so a killed run never leaves a half-written table behind."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """Write the table with its checksum, atomically: a killed run never leaves a half-written
+    table behind, and two runs writing it at once leave one valid file."""
     file = cache_dir / f"{key.digest}.safetensors"
-    tmp = file.with_suffix(f".tmp{os.getpid()}")
     metadata = {
         "reference_identity": key.reference_identity,
         "data_fingerprint": key.data_fingerprint,
         "settings": key.settings,
     }
     tensors = {"logps": reference.logps, "token_counts": reference.token_counts}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, file)
-    return file
+    return write_verified(file, save_safetensors(tensors, metadata=metadata))
 
 
 @torch.no_grad()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 from datasets import Features, List, Value
 
+from dpokit.cache import check_entry, discard, record_entry
 from dpokit.hashing import json_digest
 
 from .config import DataConfig
@@ -33,6 +36,8 @@ logger = logging.getLogger("dpokit.data")
 
 # Bump when the tokenized output of the same input and settings changes: old caches then miss.
 PIPELINE_VERSION = 2  # 2: pairs identical only after truncation are counted (and dropped)
+
+TOKENIZED_CACHE = "tokenized data cache"
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
@@ -108,7 +113,7 @@ def tokenize_rows(
     """Map ``processor`` over the raw rows (cached), summarize and log -> (mapped, summary,
     from_cache). Raises `DataError` when every row was dropped."""
     num_proc = _num_proc(config, len(dataset))
-    from_cache = cache_file is not None and _cache_exists(cache_file, num_proc)
+    from_cache = cache_file is not None and verified_cache(cache_file)
     mapped = dataset.map(
         processor,
         with_indices=True,
@@ -122,6 +127,8 @@ def tokenize_rows(
         new_fingerprint=fingerprint,
         desc=desc,
     )
+    if cache_file is not None and not from_cache:
+        record_entry(cache_file, [f["filename"] for f in mapped.cache_files])
     summary = summarize(mapped, source_name, format_name, config.identical_pairs)
     _report(summary)
     if summary.rows_kept == 0:
@@ -291,14 +298,21 @@ def _num_proc(config: DataConfig, rows: int) -> int | None:
     return num_proc if num_proc > 1 else None
 
 
-def _cache_exists(cache_file: str, num_proc: int | None) -> bool:
-    """Mirror of how ``datasets.map`` names its cache files (one per worker with num_proc)."""
-    if num_proc is None:
-        return os.path.exists(cache_file)
+def verified_cache(cache_file: str) -> bool:
+    """Whether the Arrow files cached at ``cache_file`` (one, or one per ``num_proc`` worker as
+    ``datasets.map`` names them) match their manifest (:mod:`dpokit.cache`). A corrupt,
+    truncated, partial or unchecked entry is logged in one line and removed, so ``map``
+    recomputes it; so are files of the entry the manifest does not list (``datasets`` would
+    otherwise pick an unchecked set of shards written with another ``num_proc``)."""
     prefix, ext = os.path.splitext(cache_file)
-    return all(
-        os.path.exists(f"{prefix}_{rank:05d}_of_{num_proc:05d}{ext}") for rank in range(num_proc)
-    )
+    files = {Path(p) for p in glob.glob(f"{glob.escape(prefix)}_*_of_*{ext}")}
+    files |= {Path(cache_file)} if os.path.exists(cache_file) else set()
+    listed = check_entry(cache_file, TOKENIZED_CACHE, sorted(files))
+    if listed is None:
+        return False
+    for extra in files - set(listed):
+        discard(extra, TOKENIZED_CACHE, f"{extra} is not part of the checked entry")
+    return True
 
 
 def _report(summary: DataSummary) -> None:

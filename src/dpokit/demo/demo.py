@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dpokit import jsonl
 from dpokit.config import TrainConfig
 from dpokit.demo import builders
 from dpokit.demo.settings import (
@@ -349,7 +350,7 @@ def plot_before_after(
     )
     left.legend()
     if metrics_file.exists():
-        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+        records = jsonl.read(metrics_file, partial_tail=True)
         train = [r for r in records if r.get("split", "train") == "train" and "loss" in r]
         points = [(r.get("step", i), r["loss"]) for i, r in enumerate(train)]
         if points:

@@ -25,15 +25,17 @@ Files::
     OUTPUT/iter-t/pairs.jsonl        the preference rows iteration t trains on
     OUTPUT/iter-t/...                the Trainer run (config.yaml, metrics, checkpoints, final/)
 
-A resumed run reuses an interrupted iteration's generations (its checkpoint's data position refers
-to them). With several processes the generation batches are dealt out to them and gathered (the
-answers do not depend on the number of processes); vLLM is not used. Layout, resume and
-``OUTPUT/final``: :mod:`dpokit.recipes.stages`.
+Both files are JSON lines (:mod:`dpokit.jsonl`: any generated text round-trips) with a checksum
+beside them (``*.sha256.json``, :mod:`dpokit.cache`). A resumed run reuses an interrupted
+iteration's generations (its checkpoint's data position refers to them) when they match their
+checksum; damaged ones are reported in one line, removed and generated again. With several
+processes the generation batches are dealt out to them and gathered (the answers do not depend on
+the number of processes); vLLM is not used. Layout, resume and ``OUTPUT/final``:
+:mod:`dpokit.recipes.stages`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM
 
+from dpokit import jsonl
+from dpokit.cache import check_entry, read_verified, write_verified
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, DataError
 from dpokit.data.formats import detect_format
@@ -52,10 +56,11 @@ from dpokit.data.sft import SFTExample, prepare_sft
 from dpokit.generation import generate_completions
 from dpokit.losses import get_method
 from dpokit.modeling import load_tokenizer, resolve_dtype
-from dpokit.recipes.stages import check_stage_config, run_stages, write_text
+from dpokit.recipes.stages import check_stage_config, run_stages
 
 logger = logging.getLogger("dpokit")
 
+GENERATIONS_CACHE = "SPIN generations"
 GENERATIONS_FILE = "generations.jsonl"
 PAIRS_FILE = "pairs.jsonl"
 
@@ -95,17 +100,20 @@ def run_spin(config: TrainConfig):
 
     def make_data(index: int, directory: Path, model: str) -> str:
         generations = directory / GENERATIONS_FILE
+        if config.resume and state.is_main_process:
+            check_entry(generations, GENERATIONS_CACHE)  # a damaged file is removed: regenerated
+        state.wait_for_everyone()
         if not (config.resume and generations.exists()):  # every process generates its share
             answers = generate_answers(config, model, tokenizer, prompts, config.seed + index)
             if state.is_main_process:
-                write_text(generations, generations_jsonl(prompts.examples, *answers))
+                write_verified(generations, generations_jsonl(prompts.examples, *answers).encode())
         if state.is_main_process:
             rows = pair_rows(generations)
             if hyperparameters["keep_previous"] and index > 0:
                 rows += pair_rows(directory.parent / names[index - 1] / GENERATIONS_FILE)
             if not rows:
                 raise RuntimeError(f"{generations}: every generated answer is empty; no pairs")
-            write_text(directory / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+            write_verified(directory / PAIRS_FILE, jsonl.encode(rows))
         state.wait_for_everyone()
         return str(directory / PAIRS_FILE)
 
@@ -189,27 +197,34 @@ def generate_answers(
 def generations_jsonl(examples: list[SFTExample], answers: list[str], finished: list[bool]) -> str:
     """The generations file's JSON lines: index, prompt, real (human) and generated answer, and
     whether the generated one ended with EOS."""
-    lines = []
-    for index, (example, answer, done) in enumerate(zip(examples, answers, finished, strict=True)):
-        record = {
+    rows = zip(examples, answers, finished, strict=True)
+    records = (
+        {
             "index": index,
             "prompt": example.prompt,
             "real": example.completion,
             "generated": answer,
             "finished": done,
         }
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    return "".join(lines)
+        for index, (example, answer, done) in enumerate(rows)
+    )
+    return jsonl.dumps(records)
 
 
 def pair_rows(generations: Path) -> list[dict]:
     """Preference rows (chosen = human answer, rejected = generated) from a generations file.
 
     Chat rows get the answer as one assistant turn. Empty answers are left out (logged).
+    Raises ``RuntimeError`` when the file is missing or damaged (reported and removed by
+    :func:`dpokit.cache.read_verified`): an earlier iteration's answers cannot be made again.
     """
+    data = read_verified(generations, GENERATIONS_CACHE)
+    if data is None:
+        raise RuntimeError(
+            f"{generations} is missing or damaged; start the run again with resume=false"
+        )
     rows, empty = [], 0
-    for line in generations.read_text().splitlines():
-        record = json.loads(line)
+    for record in jsonl.parse(data, str(generations)):
         answer = record["generated"]
         if not answer.strip():
             empty += 1

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from dpokit import jsonl
+from dpokit.cache import atomic_write
 from dpokit.checkpoint import latest_checkpoint
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.engine import Trainer, TrainResult
@@ -182,23 +184,20 @@ def merge_metrics(output: Path, names: list[str]) -> Path:
     Each record keeps its stage-local step as ``stage_step`` and names its ``stage``, so
     ``dpokit plot OUTPUT`` draws the whole run as one curve.
     """
-    lines, offset = [], 0
+    merged_records, offset = [], 0
     for name in names:
         path = output / name / METRICS_FILE
         if not path.exists():
             break
         last = 0
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
+        for record in jsonl.read(path, partial_tail=True):
             last = max(last, record.get("step", 0))
             merged = {**record, "stage": name, "stage_step": record.get("step", 0)}
             merged["step"] = offset + record.get("step", 0)
-            lines.append(json.dumps(merged))
+            merged_records.append(merged)
         offset += last
     target = output / METRICS_FILE
-    write_text(target, "".join(line + "\n" for line in lines))
+    write_text(target, jsonl.dumps(merged_records))
     return target
 
 
@@ -208,8 +207,5 @@ def write_json(path: Path, payload) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic: a killed run never leaves a half-written file that a resume would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic (UTF-8): a killed run never leaves a half-written file that a resume would trust."""
+    atomic_write(path, text.encode("utf-8"))

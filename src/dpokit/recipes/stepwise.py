@@ -27,8 +27,10 @@ How the rows are split (:func:`plan_chunks`):
 
 Each chunk is an ordinary Trainer run in ``OUTPUT/chunk-t`` on ``OUTPUT/chunk-t/data.jsonl`` (that
 chunk's rows, as read from the source); ``OUTPUT/chunks.json`` records the split (rows, margins) so
-a resumed run trains the same chunks. Training settings (``num_epochs``, ``max_steps``, warmup and
-the schedule) apply to each run. Layout and resume: :mod:`dpokit.recipes.stages`.
+a resumed run trains the same chunks. Both carry a checksum (``*.sha256.json``,
+:mod:`dpokit.cache`); a damaged plan is reported, removed and made again. Training settings
+(``num_epochs``, ``max_steps``, warmup and the schedule) apply to each run. Layout and resume:
+:mod:`dpokit.recipes.stages`.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
+from dpokit import jsonl
+from dpokit.cache import read_verified, write_verified
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, DataError, PairCollator, prepare_pairs
 from dpokit.data.loading import load_source
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
 from dpokit.modeling import load_model, load_tokenizer, resolve_dtype
-from dpokit.recipes.stages import check_stage_config, run_stages, write_text
+from dpokit.recipes.stages import check_stage_config, run_stages
 from dpokit.reference import FrozenReference, compute_reference_logps
 
 logger = logging.getLogger("dpokit")
@@ -59,6 +63,7 @@ CHUNK_COLUMN = "chunk"
 # library's earlier) name, still read so existing data works.
 CHUNK_COLUMNS = (CHUNK_COLUMN, "step")
 PLAN_FILE = "chunks.json"
+PLAN_CACHE = "stepwise chunk plan"
 
 
 @dataclasses.dataclass
@@ -97,9 +102,9 @@ def run_stepwise(config: TrainConfig):
     plan = _saved_plan(plan_file, config, source) if config.resume else None
     if plan is None:
         if state.is_main_process:
-            write_text(plan_file, json.dumps(plan_chunks(config, source).to_dict()) + "\n")
+            write_verified(plan_file, json.dumps(plan_chunks(config, source).to_dict()).encode())
         state.wait_for_everyone()
-        plan = ChunkPlan(**json.loads(plan_file.read_text()))
+        plan = ChunkPlan(**json.loads(plan_file.read_bytes()))
     names = [f"chunk-{t}" for t in range(1, len(plan.rows) + 1)]
     logger.info(
         "stepwise DPO: %d chunks (%s, order=%s) of %s rows",
@@ -112,7 +117,7 @@ def run_stepwise(config: TrainConfig):
     def make_data(index: int, directory: Path, model: str) -> str:
         path = directory / "data.jsonl"
         if state.is_main_process:
-            write_text(path, rows_jsonl(source.dataset, plan.rows[index]))
+            write_verified(path, rows_jsonl(source.dataset, plan.rows[index]).encode())
         state.wait_for_everyone()
         return str(path)
 
@@ -215,16 +220,19 @@ def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
 
 
 def rows_jsonl(dataset, rows: list[int]) -> str:
-    """The given source rows as JSON lines (values JSON cannot hold are written as strings)."""
+    """The given source rows as JSON lines (:mod:`dpokit.jsonl`; values JSON cannot hold, e.g.
+    dates, are written as their strings)."""
     subset = dataset.select(rows)
-    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in subset)
+    return jsonl.dumps(subset, default=str)
 
 
 def _saved_plan(path: Path, config: TrainConfig, source) -> ChunkPlan | None:
-    """The plan an interrupted run made, if it fits this run's data and settings."""
-    if not path.exists():
+    """The plan an interrupted run made, if it fits this run's data and settings; None when there
+    is none, or it does not match its checksum (reported, removed: it is made again)."""
+    data = read_verified(path, PLAN_CACHE)
+    if data is None:
         return None
-    plan = ChunkPlan(**json.loads(path.read_text()))
+    plan = ChunkPlan(**json.loads(data))
     same_split = plan.order == config.method_args["order"] and (
         plan.split == "column" or len(plan.rows) == config.method_args["chunks"]
     )

@@ -7,9 +7,10 @@ method. With ``target=reference_sample`` (the seed's variant) y_ref is drawn fro
 (SFT) model -- ``--reference PATH``, else the starting policy -- once per prompt before training
 (ancestral sampling at ``temperature``, at most ``max_new_tokens`` and ``max_length`` tokens), with
 :func:`dpokit.generation.generate_completions`. The samples are cached in the run directory
-(``RUN_DIR/reference_samples/<split>.jsonl``, keyed by the model, the data and the sampling
-settings), so a resumed run trains on the same targets. A sample cut by the length limit has no
-EOS; it is scored as it is.
+(``RUN_DIR/reference_samples/<split>.jsonl`` with its checksum, keyed by the model, the data and
+the sampling settings), so a resumed run trains on the same targets; a damaged file is reported,
+removed and sampled again (:mod:`dpokit.cache`). A sample cut by the length limit has no EOS; it
+is scored as it is.
 
 Batches then carry the targets as a third block of rows (:class:`TargetPairCollator`): chosen,
 rejected, target -- one forward for all three, and
@@ -20,9 +21,7 @@ rejected, target -- one forward for all three, and
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from datasets import List, Value
 
+from dpokit import jsonl
+from dpokit.cache import read_verified, write_verified
 from dpokit.data import PairCollator, prepare_pairs
 from dpokit.data.packing import pair_collator
 from dpokit.generation import generate_completions
@@ -187,26 +188,26 @@ def draw_samples(trainer, data) -> list[list[int]]:
     return [target[:budget] for target, budget in zip(targets, budgets, strict=True)]
 
 
+SAMPLES_CACHE = "SLiC reference samples"
+
+
 def load_samples(path: Path, key: str, rows: int) -> list[list[int]] | None:
-    """The cached y_ref token ids of ``path`` when made for ``key`` and ``rows`` rows, else None."""
-    if not path.exists():
+    """The cached y_ref token ids of ``path`` when they match their checksum
+    (:mod:`dpokit.cache`: a damaged file is reported in one line and removed) and were made for
+    ``key`` and ``rows`` rows, else None."""
+    data = read_verified(path, SAMPLES_CACHE)
+    if data is None:
         return None
-    with path.open() as handle:
-        header = json.loads(handle.readline())
-        if header.get("key") != key or header.get("rows") != rows:
-            logger.info("SLiC y_ref: %s is for other data or settings; sampling again", path)
-            return None
-        return [json.loads(line) for line in handle]
+    header, *targets = jsonl.parse(data, str(path))
+    if header.get("key") != key or header.get("rows") != rows or len(targets) != rows:
+        logger.info("SLiC y_ref: %s is for other data or settings; sampling again", path)
+        return None
+    return targets
 
 
 def save_samples(path: Path, key: str, targets: list[list[int]]) -> None:
-    """Atomic: a killed run leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(json.dumps({"key": key, "rows": len(targets)}) + "\n")
-        handle.writelines(json.dumps(target) + "\n" for target in targets)
-    os.replace(tmp, path)
+    """Atomic, with a checksum: a killed run leaves the old file or none, never half of one."""
+    write_verified(path, jsonl.encode([{"key": key, "rows": len(targets)}, *targets]))
 
 
 # Pairs plus, with target=reference_sample, a third block of rows: prompt + sampled y_ref.
