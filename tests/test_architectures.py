@@ -41,9 +41,6 @@ from helpers import train_config
 
 LN2 = math.log(2)
 TOPICS = ["apples", "bananas", "cherries", "the fox", "the dog", "today", "France", "Paris"]
-DROPOUT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="dropout: issue 11 (dpokit trains with the config's dropout on)"
-)
 
 
 def pair_rows(count: int, seed: int = 0) -> list[dict]:
@@ -105,13 +102,6 @@ def built(request, tmp_path_factory):
     gc.collect()
     yield Built(arch, path / "model", str(data), config, probe, start_logits)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def expect_policy_equals_reference(request, built: Built) -> None:
-    """Tests asserting policy == reference at the first step fail (strictly expected) for the
-    families whose config has dropout, until dpokit turns it off (issue 11)."""
-    if built.arch.dropout:
-        request.applymarker(DROPOUT_XFAIL)
 
 
 def score_batch(vocab: int, long_row: int | None = None):
@@ -252,8 +242,8 @@ def tdpo_run(built, tmp_path_factory):
     shutil.rmtree(out, ignore_errors=True)
 
 
-def test_dpo_first_loss_is_ln2(request, built, dpo_run):
-    expect_policy_equals_reference(request, built)
+def test_dpo_first_loss_is_ln2(dpo_run):
+    """ln 2 for the families with dropout in their config too (GPT-2, OPT): disable_dropout."""
     assert dpo_run.history[0]["loss"] == pytest.approx(LN2, abs=1e-6)
 
 
@@ -275,8 +265,7 @@ def test_tdpo2_runs_with_the_full_vocabulary_kl(tdpo_run):
         assert math.isfinite(record[side]) and record[side] >= -1e-6  # KL >= 0
 
 
-def test_tdpo2_first_step_has_zero_kl_and_loss_ln2(request, built, tdpo_run):
-    expect_policy_equals_reference(request, built)
+def test_tdpo2_first_step_has_zero_kl_and_loss_ln2(tdpo_run):
     record = tdpo_run.history[0]
     assert abs(record["kl/chosen"]) < 1e-4 and abs(record["kl/rejected"]) < 1e-4
     assert record["loss"] == pytest.approx(LN2, abs=1e-6)

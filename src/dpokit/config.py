@@ -188,6 +188,11 @@ class TrainConfig:
     fused_optimizer: bool = _key(
         True, "optimisation", "AdamW as one fused kernel over all parameters"
     )
+    disable_dropout: bool = _key(
+        True,
+        "optimisation",
+        "dropout off in the policy and every reference (LoRA's lora_dropout is kept)",
+    )
     lora: bool = _key(False, "optimisation", "train a LoRA adapter instead of every weight")
     lora_r: int = _key(16, "optimisation", "LoRA rank", low=1)
     lora_alpha: int = _key(32, "optimisation", "LoRA scale numerator (scale = alpha / r)")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from dpokit import checkpoint as ckpt
+from dpokit.accumulation import accumulation_windows, micro_batch_sync, step_scale
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, train_eval_split
 from dpokit.data.packing import (
@@ -51,7 +52,7 @@ from dpokit.modeling import (
 )
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
-from dpokit.steps import Procedure, StepContext, procedure_for
+from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
 
 logger = logging.getLogger("dpokit")
 
@@ -290,9 +291,8 @@ class Trainer:
         loader = self.train_loader
         if loop.batches_done:
             loader = self.accelerator.skip_first_batches(self.train_loader, loop.batches_done)
-        for batch in loader:
-            loop.batches_done += 1
-            stepped, grad_norm = self._micro_batch(loop, context, batch)
+        for window in accumulation_windows(loader, config.gradient_accumulation_steps):
+            stepped, grad_norm = self._accumulate(loop, context, window)
             if not stepped:
                 continue
             loop.step += 1
@@ -310,30 +310,36 @@ class Trainer:
                 return
         loop.epoch, loop.batches_done = loop.epoch + 1, 0
 
-    def _micro_batch(
-        self, loop: LoopState, context: StepContext, batch: dict
+    def _accumulate(
+        self, loop: LoopState, context: StepContext, window: list[dict]
     ) -> tuple[bool, torch.Tensor | None]:
-        """Forward and backward one micro-batch; at the end of an accumulation window clip and
-        take the optimizer step. Returns (whether an optimizer step was taken, its grad norm)."""
-        acc = self.accelerator
-        with acc.accumulate(self.policy), self._explain_oom(loop.step, batch):
-            out = self.procedure.batch_loss(context, batch)
-            if not all_finite(out.loss, acc):
+        """Forward and backward the micro-batches of one optimizer step, each weighted by its
+        share of the step's rows or tokens (:mod:`dpokit.accumulation`); then clip and step.
+        Returns (whether an optimizer step was taken, its grad norm)."""
+        acc, units = self.accelerator, [self.procedure.units(batch) for batch in window]
+        scale = step_scale(units, acc)
+        for i, batch in enumerate(window):
+            loop.batches_done += 1
+            last = i == len(window) - 1
+            with self._explain_oom(loop.step, batch), micro_batch_sync(acc, self.policy, last):
+                out = self.procedure.batch_loss(context, batch)
+                finite = all_finite(out.loss, acc)
+                if finite:
+                    acc.backward(out.loss * (units[i] * scale))
+            if not finite:  # the step's remaining micro-batches are passed over with it
                 self._skip_batch(loop, batch, "loss")
+                loop.batches_done += len(window) - 1 - i
                 return False, None
-            acc.backward(out.loss)
-            loop.averager.add(out.metrics)
-            loop.averager.add({"padding_fraction": padding_fraction(batch)})
+            loop.averager.add(out.metrics, count=batch_rows(batch))
+            loop.averager.add({"padding_fraction": padding_fraction(batch)}, batch_rows(batch))
             loop.tokens += int(batch["attention_mask"].sum())
-            if not acc.sync_gradients:
-                return False, None
-            grad_norm = self._clip()
-            if not all_finite(grad_norm, acc):
-                self._skip_batch(loop, batch, "gradient")
-                return False, None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
+        grad_norm = self._clip()
+        if not all_finite(grad_norm, acc):
+            self._skip_batch(loop, window[-1], "gradient")
+            return False, None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
         return True, grad_norm
 
     def _skip_batch(self, loop: LoopState, batch: dict, what: str) -> None:
@@ -400,7 +406,7 @@ class Trainer:
         self.policy.eval()
         averager = MetricAverager()
         for batch in self.eval_loader:
-            averager.add(self.procedure.batch_loss(context, batch).metrics)
+            averager.add(self.procedure.batch_loss(context, batch).metrics, batch_rows(batch))
         self.policy.train()
         record = {"step": step, "split": "eval", **averager.mean(self.accelerator)}
         if writer is not None:

@@ -1,10 +1,11 @@
-"""Per-step metrics: averaged over micro-batches and processes, written as JSON lines."""
+"""Per-step metrics: pooled over micro-batches and processes by counts, written as JSON lines."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,39 +15,88 @@ from dpokit import jsonl
 METRICS_FILE = "metrics.jsonl"
 
 
-class MetricAverager:
-    """Sums detached scalars over the micro-batches of one optimizer step.
+@dataclass(frozen=True)
+class Pooled:
+    """A metric over some of a micro-batch's rows (or tokens): their ``total`` and ``count``.
 
-    A NaN value means "this micro-batch cannot measure it" (KTO's mean reward of desirable
-    examples in a batch without one) and is left out of that metric's mean; a metric no
-    micro-batch measured is NaN.
+    Pooled over micro-batches and processes as sums and counts, so the logged value is the mean
+    over every such row of the step, however the rows fell into micro-batches (a plain mean per
+    micro-batch would weigh a micro-batch with one desirable example like one with ten).
+    """
+
+    total: torch.Tensor | float  # 0-d: the sum of the values
+    count: torch.Tensor | float  # 0-d: how many values (0: none in this micro-batch)
+
+    @classmethod
+    def where(cls, values: torch.Tensor, mask: torch.Tensor) -> Pooled:
+        """The ``(B,)`` ``values`` where the ``(B,)`` bool ``mask`` is set (detached)."""
+        return cls(values.detach()[mask].double().sum(), mask.sum())
+
+    def item(self) -> float:
+        """This micro-batch's mean (NaN without values): what a plain metric would be."""
+        count = float(self.count)
+        return float(self.total) / count if count else math.nan
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A metric logged as ``mean(first) - mean(second)`` of two pooled metrics of the step (KTO's
+    reward margin: desirable mean minus undesirable mean); left out when either has no rows."""
+
+    first: str
+    second: str
+
+
+class MetricAverager:
+    """Pools detached scalars over the micro-batches of one optimizer step (and over processes).
+
+    :meth:`add` takes a micro-batch's metrics: a plain scalar is that micro-batch's mean over its
+    ``count`` rows (weighted by them); a :class:`Pooled` brings its own sum and count; a
+    :class:`Difference` is worked out from two pooled means at the end. A plain NaN means "this
+    micro-batch cannot measure it" and is left out. A metric measured on no row of the step is
+    left out of the record (never written as NaN).
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, float] = defaultdict(float)
+        self.differences: dict[str, Difference] = {}
 
-    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
-        """Add one micro-batch's scalars (NaN values are left out of the means)."""
+    def add(self, metrics: dict, count: float = 1) -> None:
+        """Add one micro-batch's metrics; ``count``: the rows a plain scalar is a mean over."""
         for name, value in metrics.items():
-            value = float(value)
+            if isinstance(value, Difference):
+                self.differences[name] = value
+                continue
             self.counts[name] += 0  # every process must know every name (collective below)
-            if not math.isnan(value):
-                self.sums[name] += value
-                self.counts[name] += 1
+            if isinstance(value, Pooled):
+                total, weight = float(value.total), float(value.count)
+            else:
+                total, weight = float(value) * count, float(count)
+            if weight and not math.isnan(total):
+                self.sums[name] += total
+                self.counts[name] += weight
 
     def mean(self, accelerator=None) -> dict[str, float]:
-        """Mean over micro-batches and processes (every process must call it)."""
+        """Pooled means over micro-batches and processes (every process must call it); resets."""
         names = sorted(self.counts)
         stats = torch.tensor(
-            [[self.sums[n], float(self.counts[n])] for n in names], dtype=torch.float64
+            [[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64
         ).reshape(len(names), 2)
         if accelerator is not None and accelerator.num_processes > 1:
             stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
-        values = stats[:, 0] / stats[:, 1]  # 0/0 = NaN: measured nowhere
+        record = {
+            name: total / count
+            for name, (total, count) in zip(names, stats.tolist(), strict=True)
+            if count > 0  # measured nowhere in this step: left out
+        }
+        for name, difference in sorted(self.differences.items()):
+            if difference.first in record and difference.second in record:
+                record[name] = record[difference.first] - record[difference.second]
         self.sums.clear()
         self.counts.clear()
-        return dict(zip(names, values.tolist(), strict=True))
+        self.differences.clear()
+        return record
 
 
 class MetricsWriter:

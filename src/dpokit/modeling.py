@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from dpokit.config import ConfigError
 from dpokit.distributed import no_split_modules
@@ -106,9 +106,82 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "auto" else DTYPES[name]
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
-    """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards)."""
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+# Dropout-like modules: each has a drop probability ``p``.
+DROPOUT_MODULES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def is_dropout_setting(name: str, value) -> bool:
+    """True for a config field or module attribute holding a drop probability: ``*dropout*``
+    (``attention_dropout``, ``hidden_dropout_prob``, OPT's ``dropout``), GPT-2's ``*_pdrop`` and
+    OPT's ``layerdrop`` (whole layers skipped in training), when it is a number (not a bool)."""
+    named = "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
+    return named and isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def zero_config_dropout(config) -> list[str]:
+    """Set every drop probability of a transformers config (and of its sub-configs, such as a
+    multimodal model's ``text_config``) to 0.0. Returns the names that were not 0 already."""
+    changed = []
+    for key, value in list(vars(config).items()):
+        if is_dropout_setting(key, value) and value != 0:
+            setattr(config, key, 0.0)
+            changed.append(key)
+        elif isinstance(value, PretrainedConfig):  # a sub-config (text_config, ...)
+            changed += zero_config_dropout(value)
+    return changed
+
+
+def switch_off_dropout(model: torch.nn.Module) -> list[str]:
+    """Switch dropout off for training: every dropout module's ``p`` and every float drop
+    probability a module copied from its config (Llama's ``attention_dropout``, which it hands
+    to SDPA; OPT's ``dropout`` and ``layerdrop``) become 0, and so do the config's fields (GPT-Neo
+    reads ``config.attention_dropout`` in its forward). peft's ``lora_dropout`` modules are left
+    as configured: that dropout is the adapter's own regulariser, set by ``lora_dropout``.
+
+    Returns the config fields that were changed (for the log). Eval mode needs none of this; it
+    is for the policy, which trains in train mode while the reference scores in eval mode --
+    with dropout on, the first loss would not be ln 2 and every reward would carry noise.
+    """
+    changed = zero_config_dropout(model.config) if hasattr(model, "config") else []
+    for name, module in model.named_modules():
+        if "lora_dropout" in name.split("."):
+            continue
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if is_dropout_setting(key, value):
+                setattr(module, key, 0.0)
+    return changed
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
+    disable_dropout: bool = False,
+):
+    """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards).
+
+    ``disable_dropout``: built with its config's drop probabilities at 0 and then passed
+    through :func:`switch_off_dropout` (see there), so it trains without dropout.
+    """
+    kwargs = {}
+    if disable_dropout:
+        config = AutoConfig.from_pretrained(name_or_path)
+        changed = zero_config_dropout(config)
+        if changed:
+            logger.info("disable_dropout: %s set to 0 for %s", ", ".join(changed), name_or_path)
+        kwargs["config"] = config
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if disable_dropout:
+        switch_off_dropout(model)
     model.config.use_cache = False  # no KV cache in training forwards
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -141,8 +214,10 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
     ``config``: the run's :class:`~dpokit.config.TrainConfig`; ``sharding``: ``"fsdp"``,
     ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
     """
-    model = load_model(config.model, dtype, config.gradient_checkpointing)
-    if config.lora:
+    model = load_model(
+        config.model, dtype, config.gradient_checkpointing, disable_dropout=config.disable_dropout
+    )
+    if config.lora:  # after disable_dropout: the adapter's lora_dropout is the user's setting
         model = apply_lora(
             model,
             config.lora_r,

@@ -352,7 +352,7 @@ class ReferenceBuilder:
     def frozen(self) -> FrozenReference:
         """A frozen copy of ``config.reference`` (else the starting model) on the device."""
         name = self.config.reference or self.config.model
-        model = load_model(name, self.dtype)
+        model = load_model(name, self.dtype, disable_dropout=self.config.disable_dropout)
         scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
         return FrozenReference(scorer.to(self.accelerator.device))
 

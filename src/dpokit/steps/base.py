@@ -20,8 +20,14 @@ class StepOutput:
     """What one micro-batch gives the engine.
 
     Attributes:
-        loss: scalar, differentiable: what the engine back-propagates.
-        metrics: name -> detached scalar tensor, averaged over micro-batches and processes.
+        loss: scalar, differentiable: the micro-batch's MEAN loss over its units
+            (``Procedure.units(batch)``: rows, or tokens for a per-token loss). The engine turns
+            it back into a sum and divides by the units of the whole optimizer step
+            (:mod:`dpokit.accumulation`), so every unit of a step weighs the same.
+        metrics: name -> detached 0-d tensor (a mean over the micro-batch's rows), or a
+            :class:`~dpokit.metrics.Pooled` sum and count (a metric over some rows or over
+            tokens), or a :class:`~dpokit.metrics.Difference`; pooled over micro-batches and
+            processes by :class:`~dpokit.metrics.MetricAverager`.
         losses: ``(B,)`` detached per-example losses (B = pairs or examples of the batch).
         correct: ``(B,)`` bool: the example counts as ranked right (reward accuracy).
     """
@@ -56,6 +62,12 @@ class StepContext:
     accelerator: object | None = None
 
 
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """The rows of a collated batch: its examples or pairs (``index`` ``(B,)``), not the 2B
+    sequences of a pair batch. The unit of every per-row loss and of plain metrics."""
+    return int(batch["index"].shape[0])
+
+
 @dataclass(frozen=True)
 class Procedure:
     """How the engine trains one kind of data.
@@ -71,6 +83,8 @@ class Procedure:
         packed_collator: ``(pad_token_id, packing, packing_length, attention_cost=...)`` for
             ``config.packing`` other than ``"none"`` (:mod:`dpokit.data.packing`); None: this kind
             of data is collated one way only.
+        units: ``(batch) -> int``: what ``batch_loss``'s loss is a mean over, known before the
+            forward: the batch's rows (default, :func:`batch_rows`) or its completion tokens.
     """
 
     prepare: Callable
@@ -79,3 +93,4 @@ class Procedure:
     check: Callable | None = None
     setup: Callable | None = None
     packed_collator: Callable | None = None
+    units: Callable[[dict], int] = batch_rows

@@ -20,13 +20,13 @@ up to rounding, so the first accuracy is noise, as DPO's is.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from dpokit.config import ConfigError
 from dpokit.data.unpaired import UnpairedCollator, prepare_unpaired
 from dpokit.losses import LossInputs, kto_weight_balance
+from dpokit.metrics import Difference, Pooled
 from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 logger = logging.getLogger("dpokit")
@@ -125,7 +125,7 @@ def kto_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutp
         reference_logps=reference_logps[:n],
         desirable=batch["label"],
     )
-    metrics: dict[str, torch.Tensor] = {}
+    metrics: dict[str, object] = {}
     if estimate:
         with torch.no_grad():
             policy_mismatched = _score(ctx.policy, mismatched).logps.float()  # (B,)
@@ -140,32 +140,24 @@ def kto_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutp
     desirable = batch["label"].bool()
     correct = torch.where(desirable, logratios > z0, logratios < z0)  # (B,)
     rewards = out.rewards.float()  # (B,) beta * rho, detached
-    desirable_reward = _mean_where(rewards, desirable)
-    undesirable_reward = _mean_where(rewards, ~desirable)
+    logps = policy_out.logps.detach().float()  # (B,)
+    # Means over one label's rows are pooled as sums and counts over the whole step.
     metrics.update(
         {
             "loss": out.losses.detach().mean(),
             "kl_baseline": z0,
-            "rewards/desirable": desirable_reward,
-            "rewards/undesirable": undesirable_reward,
-            "rewards/margins": desirable_reward - undesirable_reward,
+            "rewards/desirable": Pooled.where(rewards, desirable),
+            "rewards/undesirable": Pooled.where(rewards, ~desirable),
+            "rewards/margins": Difference("rewards/desirable", "rewards/undesirable"),
             "rewards/accuracies": correct.float().mean(),
-            "logps/desirable": _mean_where(policy_out.logps.detach().float(), desirable),
-            "logps/undesirable": _mean_where(policy_out.logps.detach().float(), ~desirable),
+            "logps/desirable": Pooled.where(logps, desirable),
+            "logps/undesirable": Pooled.where(logps, ~desirable),
             "fraction_desirable": desirable.float().mean(),
         }
     )
     return StepOutput(
         loss=out.losses.mean(), metrics=metrics, losses=out.losses.detach(), correct=correct
     )
-
-
-def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over ``mask``; NaN when the micro-batch has no such example (the metric averager
-    leaves NaN out of its means)."""
-    if not bool(mask.any()):
-        return values.new_tensor(math.nan)
-    return values[mask].mean()
 
 
 # Unpaired examples with their mismatched pairs (z0), checked before loading, balance logged.

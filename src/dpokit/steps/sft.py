@@ -2,7 +2,8 @@
 
     loss = - sum_{n, t in completion(n)} log pi(y_t | x, y_<t)  /  sum_n |completion(n)|
 
-i.e. the token-averaged negative log-likelihood of each micro-batch, from the same
+i.e. the token-averaged negative log-likelihood (over the tokens of the whole optimizer step:
+``units`` is the completion tokens, see :mod:`dpokit.accumulation`), from the same
 :class:`~dpokit.logprobs.CompletionScorer` the preference methods use (summed log-probs and token
 counts). ``Trainer(config, spec=SFT_SPEC)`` runs it with every engine feature (accumulation,
 checkpoints, resume, LoRA, eval split); :func:`dpokit.recipes.sft.run_sft` is that call.
@@ -20,6 +21,7 @@ import torch
 
 from dpokit.data.sft import SFTCollator, prepare_sft
 from dpokit.losses import LossInputs, LossOutput, MethodSpec
+from dpokit.metrics import Pooled
 from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 
@@ -50,6 +52,13 @@ SFT_SPEC = MethodSpec(
 )
 
 
+def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The completion tokens the scorer scores in ``batch`` (``completion_mask`` inside the
+    ``attention_mask``): the units SFT's loss is a mean over (``Procedure.units``)."""
+    scored = batch["completion_mask"].bool() & batch["attention_mask"].bool()  # (B, T)
+    return int(scored.sum())
+
+
 def sft_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
     """One micro-batch: token-averaged NLL over all completion tokens of the batch.
 
@@ -62,14 +71,15 @@ def sft_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutp
         batch["completion_mask"],
         position_ids=batch.get("position_ids"),
     )
-    tokens = out.token_counts.sum().clamp(min=1)  # scalar: completion tokens in the batch
-    loss = -out.logps.sum() / tokens  # every token weighs the same, however long its row
+    tokens = out.token_counts.sum()  # scalar: completion tokens in the batch (= units)
+    nll = -out.logps.sum()
+    loss = nll / tokens.clamp(min=1)  # every token weighs the same, however long its row
     per_example = -out.avg_logps.detach()  # (B,)
     metrics = {
-        "loss": loss.detach(),
+        "loss": Pooled(nll.detach().double(), tokens),  # per token over the whole step
         "nll/per_example": per_example.mean(),
         "logps/completion": out.logps.detach().mean(),
-        "completion_tokens": tokens.detach().float(),
+        "completion_tokens": out.token_counts.float().mean(),  # per example
     }
     # There are no pairs, hence no reward accuracy: `correct` is all False by definition.
     correct = torch.zeros_like(per_example, dtype=torch.bool)
@@ -77,4 +87,9 @@ def sft_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutp
 
 
 # SFT rows (prompt + completion, or messages), collated one way.
-SFT_STEP = Procedure(prepare=prepare_sft, collator=SFTCollator, batch_loss=sft_batch_loss)
+SFT_STEP = Procedure(
+    prepare=prepare_sft,
+    collator=SFTCollator,
+    batch_loss=sft_batch_loss,
+    units=completion_tokens,
+)
