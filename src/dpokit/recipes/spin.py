@@ -95,7 +95,7 @@ def run_spin(config: TrainConfig):
 
     def make_data(index: int, directory: Path, model: str) -> str:
         generations = directory / GENERATIONS_FILE
-        if not (config.resume and generations.exists()):  # every process generates its share
+        if not (config.resume != "false" and generations.exists()):  # each process: its share
             answers = generate_answers(config, model, tokenizer, prompts, config.seed + index)
             if state.is_main_process:
                 write_text(generations, generations_jsonl(prompts.examples, *answers))
