@@ -11,6 +11,8 @@ import subprocess
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dpokit import checkpoint as ckpt
 from dpokit import train
@@ -121,7 +123,7 @@ def test_a_changed_config_resume_is_refused_with_the_keys_that_differ(tiny_dir, 
 
 def test_keys_that_cannot_change_the_past_may_change_on_resume(tiny_dir, data, tmp_path):
     run_dir = tmp_path / "run"
-    free = dict(logging_steps=2, save_total_limit=1, num_proc=1, eval_steps=3, progress=False)
+    free = dict(logging_steps=2, save_total_limit=1, num_proc=1, report_to="none", progress=False)
     train(config_for(tiny_dir, data, run_dir, max_steps=2, save_steps=2))
     resumed = train(config_for(tiny_dir, data, run_dir, max_steps=4, resume=True, **free))
     assert resumed.global_step == 4
@@ -204,7 +206,7 @@ def test_reused_directory_killed_second_run_resumes_to_the_second_runs_weights(t
     data_a = write_rows(tmp_path / "a.jsonl", pair_rows(32, seed=0))
     data_b = write_rows(tmp_path / "b.jsonl", pair_rows(32, seed=1))
     first = train(config_for(tiny_dir, data_a, run_dir, max_steps=6, save_steps=1, seed=3))
-    assert (first.final_dir / "model.safetensors").exists()
+    weights_a = load_file(str(first.final_dir / "model.safetensors"))
 
     settings = {"max_steps": 12, "save_steps": 1, "shuffle": "true", "learning_rate": 2e-3}
     settings |= {"method": "dpo", "batch_size": 2, "warmup_ratio": 0.0, "lr_scheduler": "constant"}
@@ -240,8 +242,8 @@ def test_reused_directory_killed_second_run_resumes_to_the_second_runs_weights(t
     values = {k: v for k, v in settings.items() if k != "reference_cache_dir"}
     full = train(config_for(tiny_dir, data_b, tmp_path / "full", **{**values, "shuffle": True}))
     assert_same_weights(run_dir / "final", full.final_dir)
-    with pytest.raises(AssertionError):
-        assert_same_weights(run_dir / "final", first.final_dir)
+    weights_b = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert any(not torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
 
 
 def _b_steps(run_dir, first) -> int:
