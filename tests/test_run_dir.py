@@ -255,3 +255,21 @@ def _b_steps(run_dir, first) -> int:
     if record["fingerprint"]["learning_rate"] != 2e-3:
         return 0
     return len(train_steps(run_dir / "metrics.jsonl"))
+
+
+# ---- SPIN / stepwise: OUTPUT follows the same rules ----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["stepwise_dpo", "spin"])
+def test_a_recipe_refuses_a_used_output_before_reading_anything(method, tiny_dir, data, tmp_path):
+    out = tmp_path / "out"
+    (out / "iter-0").mkdir(parents=True)
+    (out / "config.yaml").write_text("method: dpo\n")
+    before = snapshot(out)
+    with pytest.raises(PathError, match=r"output_dir=.*out is not empty \(config.yaml, iter-0\)"):
+        train(config_for(tiny_dir, data, out, method=method, max_steps=1))
+    assert snapshot(out) == before
+    (out / "config.yaml").unlink()
+    with pytest.raises(PathError, match="holds files no dpokit run wrote"):
+        train(config_for(tiny_dir, data, out, method=method, max_steps=1, overwrite=True))
+    assert (out / "iter-0").is_dir()
