@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -121,13 +122,17 @@ def test_every_pairwise_method_learns_the_easy_set(method, tiny_dir, pairs_file,
 
 def test_reference_free_methods_load_no_reference(tiny_dir, pairs_file, tmp_path):
     for method in REFERENCE_FREE:
-        trainer = Trainer(make_config(tiny_dir, pairs_file, tmp_path, method=method))
+        trainer = Trainer(
+            make_config(tiny_dir, pairs_file, tmp_path, method=method, overwrite=True)
+        )
         assert trainer.reference_mode == "none"
         assert trainer.references == {"train": None, "eval": None}
 
 
 def test_precomputed_reference_equals_online_and_cache_invalidates(tiny_dir, pairs_file, tmp_path):
-    config = make_config(tiny_dir, pairs_file, tmp_path, reference_mode="precomputed")
+    config = make_config(
+        tiny_dir, pairs_file, tmp_path, reference_mode="precomputed", overwrite=True
+    )
     trainer = Trainer(config)
     assert trainer.reference_mode == "precomputed"
     table = trainer.references["train"]
@@ -146,7 +151,7 @@ def test_precomputed_reference_equals_online_and_cache_invalidates(tiny_dir, pai
 
     # A changed dataset invalidates it ...
     other_data = write_pairs(tmp_path / "other.jsonl", rows=24, seed=1)
-    Trainer(make_config(tiny_dir, other_data, tmp_path, reference_mode="precomputed"))
+    Trainer(dataclasses.replace(config, data=other_data))
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
     # ... and so does a changed reference model.
@@ -156,7 +161,7 @@ def test_precomputed_reference_equals_online_and_cache_invalidates(tiny_dir, pai
         model.lm_head.weight.mul_(1.5)
     model.save_pretrained(changed)
     trainer.tokenizer.save_pretrained(changed)
-    Trainer(make_config(changed, pairs_file, tmp_path, reference_mode="precomputed"))
+    Trainer(dataclasses.replace(config, model=str(changed)))
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
 
 

@@ -149,7 +149,9 @@ def test_weight_balance_warning_suggests_weights(tiny_dir, tmp_path):
     data = write_unpaired(tmp_path / "skewed.jsonl", rows=12, desirable_every=4)  # 3 vs 9
     with pytest.warns(UserWarning, match=r"= 0\.333 is outside .*\[1, 4/3\].*desirable_weight=3 "):
         Trainer(kto_config(tiny_dir, data, tmp_path))
-    balanced = kto_config(tiny_dir, data, tmp_path, desirable_weight=3.5)  # 3.5*3/9 = 1.17
+    balanced = kto_config(
+        tiny_dir, data, tmp_path, desirable_weight=3.5, overwrite=True
+    )  # 3.5*3/9 = 1.17
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="KTO balance")
         Trainer(balanced)
@@ -198,7 +200,12 @@ def test_precomputed_reference_gives_the_online_step(
     steps = {}
     for mode in ("model", "precomputed"):
         config = kto_config(
-            tiny_dir, unpaired_file, tmp_path, reference=str(other_model_dir), reference_mode=mode
+            tiny_dir,
+            unpaired_file,
+            tmp_path,
+            reference=str(other_model_dir),
+            reference_mode=mode,
+            overwrite=True,
         )
         trainer = Trainer(config)
         batch = next(iter(trainer.train_loader))

@@ -169,5 +169,6 @@ def test_slic_samples_are_reused_on_resume_and_redrawn_when_settings_change(
     )
     assert first.global_step == 2 and resumed.global_step == 3
     assert cache.read_text() == written
+    changed = {**SAMPLED, "temperature": 0.7}  # a forced resume: the same run directory
     with pytest.raises(AssertionError, match="sampled again"):
-        Trainer(make_config(tiny_dir, pairs_file, tmp_path, **{**SAMPLED, "temperature": 0.7}))
+        Trainer(make_config(tiny_dir, pairs_file, tmp_path, resume="force", **changed))

@@ -154,7 +154,7 @@ def test_resume_inside_a_step_matches_the_uninterrupted_run(two_steps, tmp_path)
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     step1_mtime = (copy / "chunk-1" / "final" / "model.safetensors").stat().st_mtime_ns
     values = {**config.to_dict(), "output_dir": str(copy), "resume": True}
-    with pytest.raises(ConfigError, match="chunks.json was made for other data or other chunks"):
+    with pytest.raises(ConfigError, match=r"other settings: method_args.chunks 2 -> 3;"):
         train(TrainConfig.from_dict({**values, "chunks": 3}))
     resumed = train(TrainConfig.from_dict(values))
     assert [(r["stage"], r["step"]) for r in resumed.history] == [("chunk-2", 2)]

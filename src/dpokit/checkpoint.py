@@ -31,7 +31,11 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 def save_checkpoint(
     accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int
 ) -> Path:
-    """Save model, optimizer, registered objects (scheduler) and every process's RNG state."""
+    """Save model, optimizer, registered objects (scheduler) and every process's RNG state.
+
+    ``state`` (JSON) is the loop position and the run's identity (``run_id``): pruning keeps the
+    newest ``keep`` checkpoints of that run and never touches another run's.
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -46,15 +50,25 @@ def save_checkpoint(
         (tmp / MARKER).write_text("ok\n")
         remove(final)
         tmp.rename(final)
-        prune(root, keep)
+        prune(root, keep, state.get("run_id"))
     accelerator.wait_for_everyone()
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` complete checkpoints under ``root``."""
-    for old in complete_checkpoints(root)[:-keep]:
+def prune(root: Path, keep: int, run_id: str | None = None) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints under ``root`` of the run
+    ``run_id`` (the ``run_id`` in their state file); None: of any run."""
+    own = [c for c in complete_checkpoints(root) if run_id is None or checkpoint_run(c) == run_id]
+    for old in own[:-keep]:
         remove(old)
+
+
+def checkpoint_run(checkpoint: Path) -> str | None:
+    """The ``run_id`` a checkpoint was saved by (None: unreadable, or an older dpokit's)."""
+    try:
+        return load_trainer_state(checkpoint).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def remove(checkpoint: Path) -> None:

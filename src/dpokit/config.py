@@ -243,7 +243,14 @@ class TrainConfig:
         low=1,
     )
     save_total_limit: int = _key(2, "logging", "checkpoints kept", low=1)
-    resume: bool = _key(False, "run", "continue from the newest complete checkpoint in output_dir")
+    # Run directory ownership (dpokit.rundir): a fresh run needs an empty output_dir.
+    resume: str = _key(
+        "false",
+        "run",
+        "true: continue the run in output_dir (refused if its settings differ); force: anyway",
+        choices=("false", "true", "force"),
+    )
+    overwrite: bool = _key(False, "run", "clear the earlier run in output_dir when this one starts")
     report_to: str = _key(
         "none",
         "logging",
@@ -387,6 +394,8 @@ def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
             return None
         raise ConfigError(f"config key {key!r} needs a value")
     bounds = {name: metadata[name] for name in ("low", "high", "low_open", "high_open")}
+    if isinstance(value, bool) and "true" in (metadata["choices"] or ()):
+        value = str(value).lower()  # resume: true / false / force takes YAML's booleans
     try:
         converted = check_value(key, value, metadata["type"], **bounds)
     except ValueError as err:

@@ -52,6 +52,7 @@ from dpokit.modeling import (
 )
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
+from dpokit.rundir import RunDirectory, trajectory_fingerprint
 from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
 
 logger = logging.getLogger("dpokit")
@@ -132,9 +133,8 @@ class Trainer:
         self.sharding = parameter_sharding(self.accelerator)  # "fsdp", "zero3" or None
         set_seed(config.seed)
         self.is_main = self.accelerator.is_main_process
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.output_dir / "config.yaml")
+        # A used output_dir is refused here; nothing is written in it before run_dir.start().
+        self.run_dir = RunDirectory(config, self.accelerator)
 
         self.tokenizer = load_tokenizer(config.model, config.chat_template)
         self._prepare_data()
@@ -142,8 +142,12 @@ class Trainer:
         longest = max(longest_sequence(d.dataset) for d in splits)
         for name in {config.model, config.reference or config.model}:
             check_positions(name, config.max_length, longest)  # model config only, no weights
+        processes = self.accelerator.num_processes
+        fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
+        self.run_dir.verify(fingerprint)  # resume: refuse another run's checkpoint
         self.dtype = resolve_dtype(config.dtype)
         self.policy = build_policy(config, self.dtype, self.sharding)
+        self.run_dir.start()
         if self.procedure.setup is not None:
             self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
         self._build_optimizer()
@@ -418,18 +422,16 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, batches_done: int) -> Path:
         state = {"step": step, "epoch": epoch, "batches_done": batches_done}
+        state.update(self.run_dir.identity())
         return ckpt.save_checkpoint(
             self.accelerator, self.output_dir, step, state, self.config.save_total_limit
         )
 
     def _resume(self, writer: MetricsWriter) -> tuple[int, int, int]:
-        if not self.config.resume:
+        latest = self.run_dir.resume_from  # checked against this run's fingerprint
+        if latest is None:
             if self.is_main and writer.path.exists():
                 writer.path.unlink()  # a fresh run starts a fresh log
-            return 0, 0, 0
-        latest = ckpt.latest_checkpoint(self.output_dir)
-        if latest is None:
-            logger.warning("resume: no complete checkpoint in %s; starting fresh", self.output_dir)
             return 0, 0, 0
         self.accelerator.load_state(str(latest))
         state = ckpt.load_trainer_state(latest)

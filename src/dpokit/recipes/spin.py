@@ -100,10 +100,10 @@ def run_spin(config: TrainConfig):
 
     def make_data(index: int, directory: Path, model: str) -> str:
         generations = directory / GENERATIONS_FILE
-        if config.resume and state.is_main_process:
+        if config.resume != "false" and state.is_main_process:
             check_entry(generations, GENERATIONS_CACHE)  # a damaged file is removed: regenerated
         state.wait_for_everyone()
-        if not (config.resume and generations.exists()):  # every process generates its share
+        if not (config.resume != "false" and generations.exists()):  # each process: its share
             answers = generate_answers(config, model, tokenizer, prompts, config.seed + index)
             if state.is_main_process:
                 write_verified(generations, generations_jsonl(prompts.examples, *answers).encode())

@@ -16,10 +16,13 @@ Layout::
     OUTPUT/metrics.jsonl        all stages' train/eval records in one log (``stage``, global step)
     OUTPUT/final/               the last stage's model (hard links where possible)
 
-Resume (``resume=true``): finished stages are skipped, the interrupted one continues from its
-newest checkpoint through the Trainer's own resume. A run without ``resume`` starts over and
-removes the stage directories an earlier run left in OUTPUT (stale checkpoints, generations or
-markers would otherwise be picked up by a later resume).
+The run directory rules of :mod:`dpokit.rundir` apply to OUTPUT and to every stage: a fresh run
+needs an empty OUTPUT (``overwrite=true`` clears an earlier run's, before the recipe reads its
+data); ``OUTPUT/run.json`` holds the whole run's fingerprint (settings, starting weights, source
+data), and ``resume=true`` refuses to continue a run whose fingerprint differs (``resume=force``
+continues and records it in ``OUTPUT/resume-overrides.jsonl``). Finished stages are then skipped;
+the interrupted one continues from its newest checkpoint through the Trainer's own resume, which
+checks the stage's own fingerprint (its start model's weights, its data) the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,9 +40,19 @@ from accelerate import PartialState
 
 from dpokit import jsonl
 from dpokit.cache import atomic_write
-from dpokit.checkpoint import latest_checkpoint
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.data import DataConfig
+from dpokit.data.loading import load_source
 from dpokit.engine import Trainer, TrainResult
+from dpokit.rundir import (
+    RUN_FILE,
+    check_reuse,
+    compare,
+    config_fingerprint,
+    read_record,
+    record_overrides,
+    weights_identity,
+)
 
 logger = logging.getLogger("dpokit")
 
@@ -51,15 +64,47 @@ MakeData = Callable[[int, Path, str], str]
 
 
 def check_stage_config(config: TrainConfig) -> None:
-    """Each stage's reference is the previous stage's model; a fixed reference contradicts it.
+    """Before a recipe reads anything: the settings fit a chain of stages, and OUTPUT is this
+    run's (:func:`claim_output`).
 
-    Raises :class:`~dpokit.config.ConfigError` when ``config.reference`` is set.
+    Raises :class:`~dpokit.config.ConfigError` when ``config.reference`` is set (each stage's
+    reference is the previous stage's model) or a resume's fingerprint differs, and
+    `~dpokit.errors.PathError` for a used OUTPUT without ``resume``/``overwrite``.
     """
     if config.reference is not None:
         raise ConfigError(
             f"method {config.method} sets every stage's reference itself (the model the previous "
             f"stage ended with); drop reference={config.reference!r}"
         )
+    claim_output(config)
+
+
+def run_fingerprint(config: TrainConfig) -> dict:
+    """The whole run's fingerprint: the settings (:func:`dpokit.rundir.config_fingerprint`), the
+    starting weights and the source data (each stage's Trainer checks its own as well)."""
+    settings = DataConfig.from_train_config(config)
+    source = load_source(config.data, settings, config.data_split)
+    fingerprint = config_fingerprint(config)
+    fingerprint.update(model=weights_identity(config.model), data=source.fingerprint)
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def claim_output(config: TrainConfig) -> None:
+    """A fresh run: OUTPUT empty, or cleared now with ``overwrite`` (the recipe writes into it
+    before the first stage starts). A resume: OUTPUT's ``run.json`` fingerprint matches, or
+    ``resume=force`` (the differences are recorded)."""
+    state, output = PartialState(), Path(config.output_dir)
+    if check_reuse(output, config.resume, config.overwrite):
+        if state.is_main_process:
+            logger.warning("overwrite=true: removing the earlier run in %s", output)
+            shutil.rmtree(output)
+        state.wait_for_everyone()
+    record = read_record(output) if config.resume != "false" else None
+    if record is not None:
+        changed = compare(config, str(output), record["fingerprint"], run_fingerprint(config))
+        if changed and state.is_main_process:
+            record_overrides(output, None, changed)
+        state.wait_for_everyone()
 
 
 def run_stages(
@@ -83,7 +128,8 @@ def run_stages(
     trained = False  # once a stage trains in this call, the later ones must too (new start model)
     for index, name in enumerate(names):
         directory = output / name
-        done = finished(directory, config) if config.resume and not trained else None
+        resuming = config.resume != "false" and not trained
+        done = finished(directory, config) if resuming else None
         if done is not None:
             logger.info("%s: finished earlier (%d steps); skipping", name, done["global_step"])
             model = str(next_model(directory, config))
@@ -112,30 +158,30 @@ def run_stages(
 
 
 def start_run(config: TrainConfig, names: list[str], state: PartialState) -> None:
-    """Save the run's config; without resume, remove what an earlier run left in the stages."""
+    """Save the run's config and ``run.json`` (its id and fingerprint; a resume keeps the id).
+
+    OUTPUT was claimed by :func:`claim_output`: it is empty, cleared, or this run's.
+    """
     output = Path(config.output_dir)
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            for directory in sorted(d for d in output.iterdir() if _is_stage_dir(d, names)):
-                shutil.rmtree(directory)
         config.save(output / "config.yaml")
+        record = read_record(output) if config.resume != "false" else None
+        run_id = record["run_id"] if record else uuid.uuid4().hex
+        payload = {"run_id": run_id, "fingerprint": run_fingerprint(config), "stages": names}
+        write_json(output / RUN_FILE, payload)
     state.wait_for_everyone()
-
-
-def _is_stage_dir(path: Path, names: list[str]) -> bool:
-    """A directory like ``iter-7`` when the stages are ``iter-0..iter-2`` (a longer old run)."""
-    prefixes = {re.sub(r"\d+$", "", n) for n in names}
-    match = re.fullmatch(r"(.*?)(\d+)", path.name)
-    return path.is_dir() and match is not None and match.group(1) in prefixes
 
 
 def stage_config(config: TrainConfig, directory: Path, model: str, data: str) -> TrainConfig:
     """The run's config for one stage: start (and reference) ``model``, stage data, stage dir.
 
     With LoRA every stage ends merged, so the next stage starts from (and is referenced by) full
-    weights and trains a fresh adapter on them. A stage resumes only from a checkpoint of its own;
-    without one it starts fresh (and drops the log of an attempt killed before its first save).
+    weights and trains a fresh adapter on them. The stage directory holds only what this run
+    wrote (OUTPUT was claimed; a stage retrained from a new start model is removed first), so
+    every stage runs with ``resume=true`` (``force`` with ``resume=force``): it continues its own
+    checkpoint after checking its fingerprint, or starts fresh (dropping the log of an attempt
+    killed before its first save).
     """
     return dataclasses.replace(
         config,
@@ -145,7 +191,8 @@ def stage_config(config: TrainConfig, directory: Path, model: str, data: str) ->
         reference=None,
         output_dir=str(directory),
         merge_lora=config.merge_lora or config.lora,
-        resume=config.resume and latest_checkpoint(directory) is not None,
+        resume="force" if config.resume == "force" else "true",
+        overwrite=False,
     )
 
 

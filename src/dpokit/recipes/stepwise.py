@@ -99,7 +99,7 @@ def run_stepwise(config: TrainConfig):
     output = Path(config.output_dir)
     plan_file = output / PLAN_FILE
     source = load_source(config.data, _data_settings(config), config.data_split)
-    plan = _saved_plan(plan_file, config, source) if config.resume else None
+    plan = _saved_plan(plan_file, config, source) if config.resume != "false" else None
     if plan is None:
         if state.is_main_process:
             write_verified(plan_file, json.dumps(plan_chunks(config, source).to_dict()).encode())

@@ -1,0 +1,304 @@
+"""The run directory belongs to one run: who may write in it, and what a resume may continue.
+
+Three rules, checked before anything is written (nothing is written into ``output_dir`` until
+:meth:`RunDirectory.start`, when the data has been checked and the model has loaded):
+
+- A fresh run (``resume=false``) needs an empty or missing ``output_dir``. ``overwrite=true``
+  clears a directory an earlier dpokit run made (it holds ``run.json`` or ``config.yaml``); a
+  directory of other files is never cleared (`PathError`).
+- A resume (``resume=true``) continues only the run it finds: the newest complete checkpoint (or,
+  killed before its first save, ``run.json``) carries the *fingerprint* of everything that decides
+  the trajectory (:func:`trajectory_fingerprint`), and a run whose fingerprint differs is refused
+  with one `ConfigError` line naming each key, ``old -> new``. ``resume=force`` continues anyway
+  and appends the differences to ``output_dir/resume-overrides.jsonl``.
+- Checkpoints carry the run's ``run_id``; pruning removes only this run's checkpoints.
+
+Keys that cannot change the past (:data:`FREE_KEYS`: ``max_steps``/``num_epochs``, the logging,
+eval and save cadence, ``save_total_limit``, ``progress``, ``num_proc``, ``report_to``, output
+paths, ``merge_lora``) may change on resume. Paths are compared by what they hold, not by name:
+the weights' identity (:func:`weights_identity`) and the data's fingerprint, so a copied run
+directory still resumes. The learning-rate schedule is compared as resolved: the warm-up steps
+and, for a decaying schedule (``linear``, ``cosine``), its horizon, since a linear schedule's
+learning rate at every step depends on the total. Extending ``max_steps`` is therefore allowed
+with ``lr_scheduler=constant`` (and a warm-up that resolves to the same steps), and refused for a
+decaying schedule: keeping the old horizon would train the extra steps at lr 0, and a new horizon
+gives weights that no uninterrupted run produces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from dpokit.checkpoint import latest_checkpoint, load_trainer_state
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.errors import PathError
+from dpokit.hashing import sha256_hex
+from dpokit.optim import count_steps
+
+logger = logging.getLogger("dpokit")
+
+RUN_FILE = "run.json"
+OVERRIDES_FILE = "resume-overrides.jsonl"
+CONFIG_FILE = "config.yaml"
+# What marks a directory as made by dpokit (overwrite=true clears only such a directory).
+RUN_RECORDS = (RUN_FILE, CONFIG_FILE)
+# What a run writes besides its inputs: a resume into a directory holding any of these but no
+# run.json cannot tell whose run it is.
+RUN_ENTRIES = (*RUN_RECORDS, "metrics.jsonl", "checkpoints", "final", "final-merged")
+
+# Config keys that cannot change the weights already trained (free to change on resume).
+FREE_KEYS = frozenset(
+    {
+        "max_steps",
+        "num_epochs",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "progress",
+        "num_proc",
+        "report_to",
+        "output_dir",
+        "reference_cache_dir",
+        "merge_lora",
+        "resume",
+        "overwrite",
+    }
+)
+# Compared by content (weights identity, data fingerprint), not by name; or resolved (warm-up).
+CONTENT_KEYS = frozenset(
+    {"model", "reference", "data", "eval_data", "chat_template", "warmup_ratio", "warmup_steps"}
+)
+_SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of each weight file
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".pt", ".model")
+
+
+def weights_identity(name_or_path: str | None) -> str | None:
+    """A short digest of what a model directory holds, cheap enough for every run start.
+
+    Per file (weights, configs): name, size, and SHA-256 of 1 MiB at its start, middle and end
+    (a full hash of a 100 GB checkpoint would cost minutes; two fine-tunes of one architecture
+    differ in every block of weights). A hub id that is not a local directory is ``hub:<id>``.
+    """
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return f"hub:{name_or_path}"
+    parts: list[str | bytes] = []
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.suffix not in _WEIGHT_SUFFIXES:
+            continue
+        size = file.stat().st_size
+        parts += [file.name, str(size)]
+        with file.open("rb") as handle:
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                handle.seek(offset)
+                parts.append(handle.read(_SAMPLE))
+    return sha256_hex(*parts, length=16)
+
+
+def config_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """The config keys that decide the trajectory, by name: all but :data:`FREE_KEYS` and
+    :data:`CONTENT_KEYS`; method hyperparameters as ``method_args.<name>``."""
+    values = config.to_dict()
+    method_args = values.pop("method_args")
+    fingerprint = {
+        key: value
+        for key, value in values.items()
+        if key not in FREE_KEYS and key not in CONTENT_KEYS
+    }
+    fingerprint.update({f"method_args.{k}": v for k, v in sorted(method_args.items())})
+    return fingerprint
+
+
+def trajectory_fingerprint(config: TrainConfig, train_data, eval_data, num_processes: int) -> dict:
+    """Everything that decides a run's weights, as ``{key: JSON value}``.
+
+    ``train_data``/``eval_data``: prepared splits (``fingerprint``, ``len``); ``eval_data`` may
+    be None. Adds to :func:`config_fingerprint` the weights of the model and reference, the data,
+    the process count and the resolved schedule (``warmup_steps``, and ``schedule_horizon`` for a
+    decaying schedule; see the module docstring).
+    """
+    micro_batches = math.ceil(len(train_data) / config.batch_size)
+    _, max_steps = count_steps(config, micro_batches, num_processes)
+    warmup = config.warmup_steps
+    if warmup is None:
+        warmup = int(config.warmup_ratio * max_steps)  # as optim.build_scheduler resolves it
+    fingerprint = config_fingerprint(config)
+    fingerprint.update(
+        model=weights_identity(config.model),
+        reference=weights_identity(config.reference),
+        train_data=train_data.fingerprint,
+        eval_data=None if eval_data is None else eval_data.fingerprint,
+        processes=num_processes,
+        warmup_steps=min(warmup, max_steps),
+        schedule_horizon=None if config.lr_scheduler == "constant" else max_steps,
+    )
+    return json.loads(json.dumps(fingerprint, default=str))  # as a checkpoint reads it back
+
+
+def differences(old: dict, new: dict) -> dict[str, list]:
+    """``{key: [old, new]}`` for every key whose value differs (a missing key counts as None)."""
+    keys = sorted(set(old) | set(new))
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def describe_differences(changed: dict[str, list]) -> str:
+    """``"learning_rate 0.001 -> 0.01, seed 42 -> 1"``."""
+    return ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds anything a dpokit run writes (:data:`RUN_ENTRIES`)."""
+    return any((path / name).exists() for name in RUN_ENTRIES)
+
+
+def check_reuse(path: Path, resume: str, overwrite: bool) -> bool:
+    """Refuse a fresh run into a used directory; returns whether it must be cleared at start.
+
+    Raises `ConfigError` for ``overwrite`` with ``resume``, `PathError` for a non-empty
+    ``path`` without ``resume``/``overwrite`` and for ``overwrite`` of a directory no dpokit run
+    made (it is never cleared). Writes nothing.
+    """
+    if overwrite and resume != "false":
+        raise ConfigError(f"overwrite=true clears the run that resume={resume} would continue")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if resume != "false" or not entries:
+        return False
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not overwrite:
+        raise PathError(
+            f"output_dir={path} is not empty ({shown}): resume=true continues the run in it, "
+            "overwrite=true replaces it, or choose another output_dir"
+        )
+    if not any((path / name).exists() for name in RUN_RECORDS):
+        raise PathError(
+            f"output_dir={path} holds files no dpokit run wrote ({shown}); overwrite=true clears "
+            "only a run directory: choose another output_dir"
+        )
+    return True
+
+
+def read_record(path: Path) -> dict | None:
+    """``path/run.json`` (run id and fingerprint), or None."""
+    file = path / RUN_FILE
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def compare(config: TrainConfig, what: str, old: dict, new: dict) -> dict[str, list]:
+    """The differences between the fingerprint ``old`` of ``what`` and ``new``; raises
+    `ConfigError` listing them unless ``resume=force`` (then they are returned, to record)."""
+    changed = differences(old, new)
+    if changed and config.resume != "force":
+        raise ConfigError(
+            f"resume: {what} was trained with other settings: {describe_differences(changed)}; "
+            "resume with the old values, start a new run (another output_dir, or overwrite=true),"
+            " or resume=force to continue anyway (recorded in resume-overrides.jsonl)"
+        )
+    if changed:
+        logger.warning("resume=force: continuing %s with %s", what, describe_differences(changed))
+    return changed
+
+
+def record_overrides(path: Path, checkpoint: Path | None, changed: dict[str, list]) -> None:
+    """Append one line to ``path/resume-overrides.jsonl``: time, checkpoint, keys old -> new."""
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": None if checkpoint is None else checkpoint.name,
+        "changed": changed,
+    }
+    with (path / OVERRIDES_FILE).open("a") as handle:
+        handle.write(json.dumps(line, default=str) + "\n")
+
+
+class RunDirectory:
+    """``config.output_dir`` as one run sees it. Made in ``Trainer.__init__`` before anything
+    loads (:func:`check_reuse`); :meth:`verify` once the data is prepared; :meth:`start` when the
+    run is known to start; :meth:`identity` goes into every checkpoint.
+
+    ``accelerator``: anything with ``is_main_process`` and ``wait_for_everyone()``.
+    """
+
+    def __init__(self, config: TrainConfig, accelerator):
+        self.config, self.accelerator = config, accelerator
+        self.path = Path(config.output_dir)
+        self.clear = check_reuse(self.path, config.resume, config.overwrite)
+        self.run_id = uuid.uuid4().hex
+        self.fingerprint: dict = {}
+        self.resume_from: Path | None = None
+        self.changed: dict[str, list] = {}
+
+    def verify(self, fingerprint: dict) -> Path | None:
+        """On resume, what this run continues: the newest complete checkpoint (or None to start
+        afresh), checked against ``fingerprint``. Raises `ConfigError` on a mismatch (unless
+        ``resume=force``) and `PathError` for a directory holding a run without ``run.json``."""
+        self.fingerprint = fingerprint
+        if self.config.resume == "false":
+            return None
+        latest = latest_checkpoint(self.path)
+        if latest is not None:
+            state = load_trainer_state(latest)
+            self.run_id = state.get("run_id", self.run_id)
+            old = state.get("fingerprint")
+            if old is None:
+                old = {"fingerprint": "none (a checkpoint of an older dpokit)"}
+            self.changed = compare(self.config, str(latest), old, fingerprint)
+            self.resume_from = latest
+            return latest
+        record = read_record(self.path)
+        if record is not None:  # killed before its first checkpoint: start it again
+            self.changed = compare(self.config, str(self.path), record["fingerprint"], fingerprint)
+            self.run_id = record["run_id"]
+        elif holds_run(self.path):
+            raise PathError(
+                f"output_dir={self.path} holds a run without {RUN_FILE} and no checkpoint to "
+                "continue: overwrite=true replaces it, or choose another output_dir"
+            )
+        # Warn when the user may have named the wrong directory (or an attempt is restarted); a
+        # stage directory holding only its inputs starts quietly.
+        quiet = record is None and self.path.is_dir() and any(self.path.iterdir())
+        log = logger.info if quiet else logger.warning
+        log("resume: no complete checkpoint in %s; starting fresh", self.path)
+        return None
+
+    def start(self) -> None:
+        """The run starts: clear the directory (``overwrite``), write ``config.yaml``,
+        ``run.json`` and any forced override. Collective: every process calls it."""
+        if self.accelerator.is_main_process:
+            if self.clear:
+                logger.warning("overwrite=true: removing the earlier run in %s", self.path)
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.path / CONFIG_FILE)
+            record = {"run_id": self.run_id, "fingerprint": self.fingerprint}
+            (self.path / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+            if self.changed:
+                record_overrides(self.path, self.resume_from, self.changed)
+        self.accelerator.wait_for_everyone()
+
+    def identity(self) -> dict:
+        """What each checkpoint's ``trainer_state.json`` carries: ``run_id`` and
+        ``fingerprint``."""
+        return {"run_id": self.run_id, "fingerprint": self.fingerprint}
+
+
+__all__ = [
+    "FREE_KEYS",
+    "OVERRIDES_FILE",
+    "RUN_FILE",
+    "RunDirectory",
+    "check_reuse",
+    "compare",
+    "config_fingerprint",
+    "differences",
+    "trajectory_fingerprint",
+    "weights_identity",
+]
