@@ -17,6 +17,10 @@ calls the full model (the exact path: the head's forward gathers its weight), th
 log-probs are pre-computed by the prepared policy itself before its first step (it *is* the
 reference then), a LoRA reference switches the adapter off inside the sharded wrapper, and a
 separate online reference model is refused with what to use instead.
+
+dpokit's own FSDP2 (``sharding=fsdp``, :mod:`dpokit.sharding`, chosen by :func:`own_sharding`)
+has none of these limits: its root unit keeps the LM head whole through forward and backward,
+and it shards a separate reference model too. Its sharding name is ``"fsdp2"``.
 """
 
 from __future__ import annotations
