@@ -11,10 +11,15 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
 from dpokit.modeling import is_peft_model
+from dpokit.sharding import gathered_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +34,19 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int,
+    save_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save model, optimizer, registered objects (scheduler) and every process's RNG state.
 
     ``state`` (JSON) is the loop position and the run's identity (``run_id``): pruning keeps the
     newest ``keep`` checkpoints of that run and never touches another run's.
+    ``save_more(directory)``, a collective, writes what accelerate does not hold (dpokit's FSDP2
+    shards: :func:`dpokit.sharding.save_sharded_state`) before the checkpoint is marked complete.
     """
     root = checkpoint_root(output_dir)
     final = root / f"step-{step}"
@@ -44,6 +56,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_more is not None:
+        save_more(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -134,3 +148,32 @@ def save_final_model(
             tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def save_final_gathered(accelerator, policy, tokenizer, output_dir: str | Path, merge_lora: bool):
+    """``OUTPUT/final`` for a policy sharded by dpokit's FSDP2 (:mod:`dpokit.sharding`): the
+    shards are gathered on the main process, which writes them with ``save_pretrained`` (LoRA:
+    the adapters only). ``merge_lora`` merges the saved adapter into a fresh load of its base
+    model (the live, sharded copy cannot be merged). Collective. Returns the ``final`` directory.
+    """
+    final_dir = Path(output_dir) / "final"
+    state_dict = gathered_state_dict(policy)  # every process takes part; only main gets weights
+    if accelerator.is_main_process:
+        _write_gathered(policy.model, state_dict, tokenizer, Path(output_dir), merge_lora)
+    accelerator.wait_for_everyone()  # later stages (SPIN's next iteration) read final/
+    return final_dir
+
+
+def _write_gathered(model, state_dict, tokenizer, output_dir: Path, merge_lora: bool) -> None:
+    """The main process's half of :func:`save_final_gathered`."""
+    final_dir = output_dir / "final"
+    state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    model.save_pretrained(final_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(final_dir)
+    if is_peft_model(model) and merge_lora:
+        base = AutoModelForCausalLM.from_pretrained(
+            model.peft_config["default"].base_model_name_or_path
+        )
+        merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
+        merged.save_pretrained(output_dir / "final-merged")
+        tokenizer.save_pretrained(output_dir / "final-merged")

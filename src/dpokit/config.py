@@ -164,6 +164,13 @@ class TrainConfig:
         "auto = bf16 on GPUs that support it, fp32 on CPU",
         choices=("auto", "no", "bf16", "fp16"),
     )
+    sharding: str = _key(
+        "auto",
+        "memory",
+        "fsdp: dpokit shards weights, grads, optimizer (PyTorch FSDP2; CPU or GPU); "
+        "auto: as the accelerate config says; none",
+        choices=("auto", "none", "fsdp"),
+    )
     gradient_checkpointing: bool = _key(
         False, "memory", "recompute activations in backward instead of keeping them"
     )

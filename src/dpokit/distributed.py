@@ -17,6 +17,10 @@ calls the full model (the exact path: the head's forward gathers its weight), th
 log-probs are pre-computed by the prepared policy itself before its first step (it *is* the
 reference then), a LoRA reference switches the adapter off inside the sharded wrapper, and a
 separate online reference model is refused with what to use instead.
+
+dpokit's own FSDP2 (``sharding=fsdp``, :mod:`dpokit.sharding`, chosen by :func:`own_sharding`)
+has none of these limits: its root unit keeps the LM head whole through forward and backward,
+and it shards a separate reference model too. Its sharding name is ``"fsdp2"``.
 """
 
 from __future__ import annotations
@@ -77,12 +81,34 @@ def no_split_modules(model) -> list[str] | None:
     return list(names) if names else None
 
 
-SHARDING_NAMES = {"fsdp": "FSDP", "zero3": "DeepSpeed ZeRO-3"}
+SHARDING_NAMES = {"fsdp": "FSDP", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "dpokit's FSDP2"}
+
+
+def own_sharding(config, accelerator) -> bool:
+    """True when dpokit shards the model itself with PyTorch FSDP2 (:mod:`dpokit.sharding`):
+    ``sharding=fsdp``, or ``sharding=auto`` under accelerate's FSDP config (``accelerate launch
+    --config_file configs/accelerate/fsdp.yaml``) on a machine without a GPU, where accelerate
+    1.15 would silently run unsharded (it enables FSDP for GPU-like devices only). One process:
+    False (nothing to shard over). Raises ConfigError for ``sharding=fsdp`` under accelerate's own
+    FSDP or DeepSpeed (two wrappers would shard the same weights)."""
+    if accelerator.num_processes <= 1 or config.sharding == "none":
+        return False
+    if config.sharding == "auto":
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        return asked and cpu_only_multiprocess()
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"sharding=fsdp and an accelerate {kind} config both shard the weights: launch with "
+            "torchrun or configs/accelerate/ddp.yaml, or set sharding=auto"
+        )
+    return True
 
 
 def refuse_separate_reference(sharding: str | None) -> None:
-    """An online frozen reference model is a second, unsharded load: refuse it when sharding."""
-    if sharding is None:
+    """An online frozen reference model is a second, unsharded load: refuse it under
+    accelerate's FSDP / ZeRO-3 (dpokit's own FSDP2, ``"fsdp2"``, shards the reference too)."""
+    if sharding in (None, "fsdp2"):
         return
     raise ConfigError(
         f"under {SHARDING_NAMES[sharding]} a separate frozen reference model is not sharded by "
@@ -94,8 +120,9 @@ def refuse_separate_reference(sharding: str | None) -> None:
 
 
 def refuse_other_reference(sharding: str | None, reference: str) -> None:
-    """Pre-computing with another model than the starting policy needs that model loaded whole."""
-    if sharding is None:
+    """Pre-computing with another model than the starting policy needs that model loaded whole
+    (or sharded by dpokit's own FSDP2, ``"fsdp2"``, which is allowed)."""
+    if sharding in (None, "fsdp2"):
         return
     raise ConfigError(
         f"under {SHARDING_NAMES[sharding]} the reference log-probs are pre-computed by the "
@@ -109,6 +136,13 @@ def refuse_other_reference(sharding: str | None, reference: str) -> None:
 def log_sharded_plan(sharding: str | None, reference_mode: str) -> None:
     """Say (once, as a warning) which paths a run with sharded parameters takes."""
     if sharding is None:
+        return
+    if sharding == "fsdp2":
+        logger.warning(
+            "dpokit's FSDP2 shards weights, gradients and optimizer state; the LM head is "
+            "gathered whole for the chunked scorer; reference: %s",
+            reference_mode,
+        )
         return
     logger.warning(
         "%s shards the parameters: scoring with the full model forward (exact; logits are kept "

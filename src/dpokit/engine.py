@@ -33,7 +33,7 @@ from dpokit.data.packing import (
     padding_fraction,
     row_lengths,
 )
-from dpokit.distributed import build_accelerator, parameter_sharding
+from dpokit.distributed import build_accelerator, own_sharding, parameter_sharding
 from dpokit.faults import (
     OUT_OF_MEMORY_ERRORS,
     NonFiniteLossError,
@@ -53,6 +53,7 @@ from dpokit.modeling import (
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
 from dpokit.rundir import RunDirectory, trajectory_fingerprint
+from dpokit.sharding import clip_grad_norm, load_sharded_state, save_sharded_state, shard_scorer
 from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
 
 logger = logging.getLogger("dpokit")
@@ -130,7 +131,8 @@ class Trainer:
         self.packing = resolve_packing(config, self.spec, self.procedure)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
-        self.sharding = parameter_sharding(self.accelerator)  # "fsdp", "zero3" or None
+        self.sharded = own_sharding(config, self.accelerator)  # dpokit's FSDP2 (dpokit.sharding)
+        self.sharding = "fsdp2" if self.sharded else parameter_sharding(self.accelerator)
         set_seed(config.seed)
         self.is_main = self.accelerator.is_main_process
         # A used output_dir is refused here; nothing is written in it before run_dir.start().
@@ -146,7 +148,9 @@ class Trainer:
         fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
         self.run_dir.verify(fingerprint)  # resume: refuse another run's checkpoint
         self.dtype = resolve_dtype(config.dtype)
-        self.policy = build_policy(config, self.dtype, self.sharding)
+        self.policy = build_policy(config, self.dtype, None if self.sharded else self.sharding)
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            shard_scorer(self.policy, self.policy.model, self.accelerator.device.type)
         self.run_dir.start()
         if self.procedure.setup is not None:
             self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
@@ -222,9 +226,12 @@ class Trainer:
         # Stepped by hand once per optimizer step (not prepared: accelerate would step it once
         # per process).
         self.scheduler = build_scheduler(config, self.optimizer, self.max_steps)
-        self.policy, self.optimizer, self.train_loader = acc.prepare(
-            self.policy, self.optimizer, self.train_loader
-        )
+        if self.sharded:  # dpokit's FSDP2 holds model and optimizer; accelerate shards the data
+            self.train_loader = acc.prepare(self.train_loader)
+        else:
+            self.policy, self.optimizer, self.train_loader = acc.prepare(
+                self.policy, self.optimizer, self.train_loader
+            )
         acc.register_for_checkpointing(self.scheduler)
         self.eval_loader = None
         if self.eval_data is not None:
@@ -382,6 +389,8 @@ class Trainer:
 
     def _clip(self) -> torch.Tensor:
         max_norm = self.config.max_grad_norm or float("inf")
+        if self.sharded:
+            return clip_grad_norm(self.policy.parameters(), max_norm)
         return self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm)
 
     def _log(self, step, averager, grad_norm, tokens, tick, writer, progress) -> dict:
@@ -423,8 +432,11 @@ class Trainer:
     def _save(self, step: int, epoch: int, batches_done: int) -> Path:
         state = {"step": step, "epoch": epoch, "batches_done": batches_done}
         state.update(self.run_dir.identity())
+        shards = (
+            (lambda d: save_sharded_state(self.policy, self.optimizer, d)) if self.sharded else None
+        )
         return ckpt.save_checkpoint(
-            self.accelerator, self.output_dir, step, state, self.config.save_total_limit
+            self.accelerator, self.output_dir, step, state, self.config.save_total_limit, shards
         )
 
     def _resume(self, writer: MetricsWriter) -> tuple[int, int, int]:
@@ -434,6 +446,8 @@ class Trainer:
                 writer.path.unlink()  # a fresh run starts a fresh log
             return 0, 0, 0
         self.accelerator.load_state(str(latest))
+        if self.sharded:
+            load_sharded_state(self.policy, self.optimizer, latest)
         state = ckpt.load_trainer_state(latest)
         writer.truncate_after(state["step"])
         logger.info("resumed from %s (step %d)", latest, state["step"])
@@ -442,6 +456,14 @@ class Trainer:
     def save_final(self) -> Path:
         """``OUTPUT/final``: ``save_pretrained`` output (adapters for LoRA, optionally merged into
         ``OUTPUT/final-merged``) plus the tokenizer (:func:`dpokit.checkpoint.save_final_model`)."""
+        if self.sharded:
+            return ckpt.save_final_gathered(
+                self.accelerator,
+                self.policy,
+                self.tokenizer,
+                self.output_dir,
+                self.config.merge_lora,
+            )
         return ckpt.save_final_model(
             self.accelerator, self.policy, self.tokenizer, self.output_dir, self.config.merge_lora
         )

@@ -39,6 +39,7 @@ from dpokit.errors import NonFiniteError
 from dpokit.hashing import file_sha256, json_digest, sha256_hex
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
 from dpokit.modeling import load_model
+from dpokit.sharding import shard_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +355,9 @@ class ReferenceBuilder:
         name = self.config.reference or self.config.model
         model = load_model(name, self.dtype, disable_dropout=self.config.disable_dropout)
         scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
+        if self.sharding == "fsdp2":  # dpokit's FSDP2 shards the reference too (forward only)
+            model.requires_grad_(False)
+            shard_scorer(scorer, model, self.accelerator.device.type)
         return FrozenReference(scorer.to(self.accelerator.device))
 
     def policy_runner(self) -> tuple[CompletionScorer, torch.nn.Module]:
