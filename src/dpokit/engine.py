@@ -52,6 +52,7 @@ from dpokit.modeling import (
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
 from dpokit.steps import Procedure, StepContext, procedure_for
+from dpokit.steps.baseline import RewardBaselineHook
 
 logger = logging.getLogger("dpokit")
 
@@ -120,7 +121,7 @@ class Trainer:
         if not config.model or not config.data:
             raise ValueError("a run needs both `model` and `data`")
         self.config = config
-        self.spec = spec or get_method(config.method)
+        self.spec = spec or get_method(config.method).bind(config.method_args)
         self.hyperparameters = dict(config.method_args)
         self.procedure = procedure or procedure_for(self.spec)
         if self.procedure.check is not None:
@@ -129,6 +130,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
         self.sharding = parameter_sharding(self.accelerator)  # "fsdp", "zero3" or None
+        self.reward_baseline = RewardBaselineHook(self.spec, self.hyperparameters, self.accelerator)
         set_seed(config.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -238,6 +240,7 @@ class Trainer:
             reference_head=reference_head,
             chunk_size=self.config.logps_chunk_size,
             accelerator=self.accelerator,
+            reward_baseline=self.reward_baseline.for_split(split),
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -412,6 +415,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def _save(self, step: int, epoch: int, batches_done: int) -> Path:
         state = {"step": step, "epoch": epoch, "batches_done": batches_done}
+        state.update(self.reward_baseline.checkpoint_state())
         return ckpt.save_checkpoint(
             self.accelerator, self.output_dir, step, state, self.config.save_total_limit
         )
@@ -427,6 +431,7 @@ class Trainer:
             return 0, 0, 0
         self.accelerator.load_state(str(latest))
         state = ckpt.load_trainer_state(latest)
+        self.reward_baseline.restore(state)
         writer.truncate_after(state["step"])
         logger.info("resumed from %s (step %d)", latest, state["step"])
         return state["step"], state["epoch"], state["batches_done"]
