@@ -298,3 +298,15 @@ def test_methods_verbose_lists_every_method_with_hyperparameters_and_paper(capsy
     assert "smoothing (float in (0, 0.5), default 0.001)" in text  # exo_pair
     assert "discopop_tau" in text and "arXiv:2404.04656" in text
     assert "a running mean of the rewards" in text  # bco_pair's needs
+
+
+def test_discopop_first_gradient_points_the_wrong_way_for_small_tau():
+    # At policy == reference (z = beta*h = 0): dL/dz = (1 - ln 2) / (4 tau) - 3/4, positive for
+    # tau < (1 - ln 2)/3 = 0.102284, so gradient descent first LOWERS the margin (the arena's
+    # discopop run, tau = 0.05: reward accuracy 0). tau = 0.05: 0.784264.
+    for tau, slope in ((0.05, 0.784264), (0.2, -0.366434)):
+        chosen = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        zero = torch.zeros(1, dtype=torch.float64)
+        discopop_loss(chosen, zero, zero, zero, beta=1.0, tau=tau).losses.sum().backward()
+        assert chosen.grad.item() == pytest.approx(slope, abs=1e-6)
+        assert slope == pytest.approx((1 - math.log(2)) / (4 * tau) - 0.75, abs=1e-6)

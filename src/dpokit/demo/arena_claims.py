@@ -22,8 +22,8 @@ def catalogue_claims(names: set[str], mean: Callable[[str, str], float]) -> list
         zero, down = mean("apo_zero", "chosen_logp_change"), mean("apo_down", "chosen_logp_change")
         sentences.append(
             f"APO-zero vs APO-down, chosen log-prob change on held-out pairs: {zero:+.3f} vs "
-            f"{down:+.3f} -- the design (zero pushes chosen answers up, down pushes both down) "
-            f"{_holds(zero > down)} here."
+            f"{down:+.3f} -- the design (zero raises the chosen answers' likelihood, down lowers "
+            f"it) {_holds(zero > 0 > down)} here."
         )
     for name, claim in (
         (MPO_RUN, "MPO (DPO + BCO + SFT) beats DPO alone"),
