@@ -10,6 +10,7 @@ import pytest
 from dpokit.cli import main
 from dpokit.config import ConfigError
 from dpokit.demo.arena import README_END, README_START
+from dpokit.demo.arena_claims import MPO_RUN
 from dpokit.demo.settings import demo_config
 
 # Small enough for CI, large enough that DPO measurably beats the SFT model.
@@ -82,20 +83,24 @@ def test_arena_on_two_methods_writes_its_files(demo_run):
     _, work_dir, demo = demo_run
     out = work_dir / "docs" / "arena"
     readme = work_dir / "README.md"
-    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nafter\n")
-    argv = ["arena", "--methods", "dpo,simpo", "--work-dir", str(work_dir), "--out", str(out)]
+    readme.write_text(f"# x\n\n{README_START}\nOLD-BLOCK\n{README_END}\n\nafter\n")
+    methods = "dpo,simpo,combined"
+    argv = ["arena", "--methods", methods, "--work-dir", str(work_dir), "--out", str(out)]
     assert main([*argv, "--no-claims", "--readme", str(readme), *SMALL]) == 0
     rows = list(csv.DictReader((out / "arena.csv").open()))
-    assert [row["run"] for row in rows] == ["SFT", "dpo", "simpo"]
+    assert [row["run"] for row in rows] == ["SFT", "dpo", "simpo", MPO_RUN]
     assert all(row["error"] == "" for row in rows)
     # dpo with the same settings and seed as the demo: the same numbers (deterministic).
     assert float(rows[1]["judge_reward"]) == pytest.approx(demo["after"]["judge_reward"], abs=1e-6)
     markdown = (out / "arena.md").read_text()
     assert "| simpo | none |" in markdown  # SimPO runs without a reference model
     assert "SimPO trains with no reference model" in markdown
+    # `combined` runs as MPO, under a name that says so, with the claim it makes
+    assert f"| {MPO_RUN} | logps |" in markdown
+    assert "MPO (DPO + BCO + SFT) beats DPO alone: judge reward" in markdown
     assert (out / "arena.png").stat().st_size > 1000
     text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{README_END}\n\nafter\n")
+    assert "OLD-BLOCK" not in text and text.endswith(f"{README_END}\n\nafter\n")
     assert "| simpo | none |" in text and "![judge reward vs KL](docs/arena/arena.png)" in text
 
 

@@ -380,6 +380,7 @@ def validate(config: TrainConfig) -> None:
     config.method = spec.name
     try:
         config.method_args = resolve_hyperparameters(spec, config.method_args)
+        spec = spec.bind(config.method_args)  # combined: its components' needs, checked
     except ValueError as err:
         raise ConfigError(f"method {spec.name}: {err}") from None
     _check_combinations(config, spec)

@@ -55,6 +55,7 @@ from dpokit.reference import ReferenceBuilder, choose_reference_mode
 from dpokit.rundir import RunDirectory, trajectory_fingerprint
 from dpokit.sharding import clip_grad_norm, load_sharded_state, save_sharded_state, shard_scorer
 from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
+from dpokit.steps.baseline import RewardBaselineHook
 
 logger = logging.getLogger("dpokit")
 
@@ -123,7 +124,7 @@ class Trainer:
         if not config.model or not config.data:
             raise ValueError("a run needs both `model` and `data`")
         self.config = config
-        self.spec = spec or get_method(config.method)
+        self.spec = spec or get_method(config.method).bind(config.method_args)
         self.hyperparameters = dict(config.method_args)
         self.procedure = procedure or procedure_for(self.spec)
         if self.procedure.check is not None:
@@ -133,6 +134,7 @@ class Trainer:
         self.accelerator = build_accelerator(config)
         self.sharded = own_sharding(config, self.accelerator)  # dpokit's FSDP2 (dpokit.sharding)
         self.sharding = "fsdp2" if self.sharded else parameter_sharding(self.accelerator)
+        self.reward_baseline = RewardBaselineHook(self.spec, self.hyperparameters, self.accelerator)
         set_seed(config.seed)
         self.is_main = self.accelerator.is_main_process
         # A used output_dir is refused here; nothing is written in it before run_dir.start().
@@ -250,6 +252,7 @@ class Trainer:
             reference_head=reference_head,
             chunk_size=self.config.logps_chunk_size,
             accelerator=self.accelerator,
+            reward_baseline=self.reward_baseline.for_split(split),
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -432,6 +435,7 @@ class Trainer:
     def _save(self, step: int, epoch: int, batches_done: int) -> Path:
         state = {"step": step, "epoch": epoch, "batches_done": batches_done}
         state.update(self.run_dir.identity())
+        state.update(self.reward_baseline.checkpoint_state())
         shards = (
             (lambda d: save_sharded_state(self.policy, self.optimizer, d)) if self.sharded else None
         )
@@ -449,6 +453,7 @@ class Trainer:
         if self.sharded:
             load_sharded_state(self.policy, self.optimizer, latest)
         state = ckpt.load_trainer_state(latest)
+        self.reward_baseline.restore(state)
         writer.truncate_after(state["step"])
         logger.info("resumed from %s (step %d)", latest, state["step"])
         return state["step"], state["epoch"], state["batches_done"]

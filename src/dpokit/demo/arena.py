@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpokit.demo.arena_claims import NAMED_RUNS, catalogue_claims
 from dpokit.demo.demo import baseline_eval, evaluate_run, prepare, torch_threads, train_method
 from dpokit.demo.settings import (
     DEFAULT_LEARNING_RATE,
@@ -114,7 +115,9 @@ def _run_seed(config: ArenaConfig, methods: list[str], seed: int) -> list[Run]:
     prepared = prepare(demo)
     baseline = baseline_eval(demo, prepared)
     runs = [Run("SFT", "sft", seed, {**baseline.metrics, "seconds": prepared.seconds})]
-    plan = [(method, method, {}) for method in methods] + claim_runs(config, methods)
+    # A method whose default means little alone runs under a name with its settings (MPO).
+    plan = [(*NAMED_RUNS.get(m, (m, {})), m) for m in methods]
+    plan = [(name, m, o) for name, o, m in plan] + claim_runs(config, methods)
     if config.untuned:
         plan += [(f"{m} (untuned)", m, {"tuned": False}) for m in methods if m in METHOD_SETTINGS]
     for name, method, overrides in plan:
@@ -257,6 +260,7 @@ def claim_sentences(runs: list[Run], config: ArenaConfig) -> list[str]:
             f"pre-computed) and reaches judge reward {mean('simpo', 'judge_reward'):.3f}, win rate "
             f"{mean('simpo', 'win_rate'):.3f} vs SFT ({verdict(runs, 'simpo')})."
         )
+    sentences += catalogue_claims(names, mean)
     for name in sorted(names | {r.name for r in runs if r.error}):
         if name != "SFT" and verdict(runs, name) != "better than SFT":
             sentences.append(f"{name}: {verdict(runs, name)}.")

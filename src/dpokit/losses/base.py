@@ -60,6 +60,8 @@ class LossInputs:
     SLiC: ``policy_target_logps`` = log-prob of y_ref (``None`` means y_ref = chosen).
     KTO (unpaired): ``policy_logps``, ``reference_logps``, ``desirable`` (bool) and the scalar
     ``kl_baseline`` z0 from :func:`dpokit.losses.kto_kl_baseline`.
+    BCO (``bco_pair``): ``reward_baseline``, the scalar running mean of the rewards
+    (:class:`dpokit.losses.bco.RewardBaseline`), owned and updated by the engine.
     """
 
     policy_chosen_logps: Tensor | None = None
@@ -77,6 +79,7 @@ class LossInputs:
     reference_logps: Tensor | None = None
     desirable: Tensor | None = None
     kl_baseline: Tensor | float | None = None
+    reward_baseline: Tensor | float | None = None
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
         """Return the named inputs, or raise ``ValueError`` naming every missing one."""

@@ -183,8 +183,12 @@ class Hyperparameter:
     def parse(self, name: str, value: Any) -> Any:
         """Convert ``value`` (a CLI string like ``"0.2"``/``"true"`` included) and check it.
 
-        Raises ``ValueError`` naming ``name`` and the valid values (see :func:`check_value`).
+        A hyperparameter whose default is None is optional: None stays None (``combined``'s
+        shared names, unset). Raises ``ValueError`` naming ``name`` and the valid values (see
+        :func:`check_value`).
         """
+        if value is None and self.default is None:
+            return None
         return check_value(name, value, self.type, **self._bounds())
 
 

@@ -16,8 +16,9 @@ _REFERENCE_NEEDS = {
 def describe_needs(spec: MethodSpec) -> str:
     """What the engine must provide for ``spec``, e.g. ``"no reference model; data: pairs"``.
 
-    Names the reference it needs, per-token averages, token-level KL, scores, the data kind, the
-    per-batch step when it is not the plain pairwise one and the multi-run recipe if any.
+    Names the reference it needs, per-token averages, token-level KL, scores, a running reward
+    baseline, the data kind, the per-batch step when it is not the plain pairwise one and the
+    multi-run recipe if any.
     """
     parts = [_REFERENCE_NEEDS[spec.reference]]
     if spec.averaged_logps:
@@ -26,6 +27,8 @@ def describe_needs(spec: MethodSpec) -> str:
         parts.append("token-level KL(ref || policy)")
     if spec.scores:
         parts.append("a score per response")
+    if spec.baseline_rewards is not None:
+        parts.append("a running mean of the rewards (engine state, checkpointed)")
     parts.append(f"data: {spec.data}")
     if spec.recipe is not None:
         parts.append(f"recipe: {spec.recipe} ({spec.stage_count} runs)")
@@ -55,6 +58,7 @@ def format_methods(verbose: bool = False) -> str:
         if verbose:
             lines.append(f"{pad}paper:    {spec.paper}")
             for hp_name, hp in spec.hyperparameters.items():
-                lines.append(f"{pad}  {hp_name} ({hp.describe()}, default {hp.default}): {hp.help}")
+                default = "unset" if hp.default is None else hp.default
+                lines.append(f"{pad}  {hp_name} ({hp.describe()}, default {default}): {hp.help}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

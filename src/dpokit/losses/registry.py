@@ -8,6 +8,11 @@ it (a key of :data:`dpokit.steps.STEPS`) and, for methods that are several runs,
 chains them (a key of :data:`dpokit.recipes.RECIPES`). This module only names them: the losses
 layer imports neither.
 
+The table is in three parts: the seed's methods here, TRL 1.16's loss types and the
+reference-free methods in :mod:`dpokit.losses.catalogue`, and ``combined`` (weighted sums of the
+others) from :mod:`dpokit.losses.combined`. :class:`MethodSpec` is defined in
+:mod:`dpokit.losses.spec`, the adapters in :mod:`dpokit.losses.adapters`.
+
 Notation in formulas: ``nls(z) = -log sigmoid(z)``, ``rho = logp(y) - ref(y)`` (summed over
 completion tokens), ``h = rho_w - rho_l``.
 """
@@ -16,226 +21,34 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
-from torch import Tensor
-
-from dpokit.losses.base import LossInputs, LossOutput
+from dpokit.losses import adapters
+from dpokit.losses.catalogue import CATALOGUE
+from dpokit.losses.combined import combined_row
 from dpokit.losses.dpo import dpo_loss
 from dpokit.losses.dpop import dpop_loss
 from dpokit.losses.hyperparameters import Hyperparameter, resolve_hyperparameters
-from dpokit.losses.hyperparameters import resolve as _resolve  # _make_compute's name for it
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_loss
-from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets
+from dpokit.losses.odpo import odpo_loss
 from dpokit.losses.rdpo import rdpo_loss
 from dpokit.losses.simpo import simpo_loss
 from dpokit.losses.slic import slic_loss
+from dpokit.losses.spec import (
+    BETA,
+    DATA_KINDS,
+    RECIPE_KINDS,
+    REFERENCE_KINDS,
+    STEP_KINDS,
+    MethodSpec,
+    make_spec,
+)
 from dpokit.losses.spin import spin_loss
 from dpokit.losses.tdpo import tdpo_loss
 
-REFERENCE_KINDS = ("none", "logps", "online")
-DATA_KINDS = ("pairs", "unpaired", "sft", "multiturn_pairs")
-STEP_KINDS = ("pairwise", "kto", "slic", "segment", "sft")
-RECIPE_KINDS = ("spin", "stepwise")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One row of the method table. See the module docstring for the notation of ``formula``.
-
-    Attributes:
-        name: the table key (``"dpo"``, ``"segment_dpo"``, ...).
-        title: human name, e.g. ``"DPO-Positive (Smaug)"``.
-        paper: authors, year and arXiv id.
-        formula: one-line ASCII equation of the per-example loss.
-        loss: the public pure loss function.
-        compute: ``compute(inputs, hyperparameters) -> LossOutput``; picks its inputs from the
-            :class:`LossInputs`, fills default hyperparameters, converts and checks the given ones.
-        hyperparameters: name -> :class:`Hyperparameter`.
-        reference: ``"none"``; ``"logps"`` (sequence log-probs, online or pre-computed); or
-            ``"online"`` (full-vocabulary reference logits every step, for token-level KL).
-        averaged_logps: the loss takes per-token averaged policy log-probs (SimPO). IPO's
-            averaging is its ``average`` hyperparameter instead.
-        token_kl: needs ``chosen_seq_kl`` / ``rejected_seq_kl`` (TDPO).
-        scores: needs ``score_chosen`` / ``score_rejected`` (ODPO).
-        data: the kind of rows the user gives: ``"pairs"``, ``"unpaired"`` (KTO), ``"sft"``
-            (SPIN) or ``"multiturn_pairs"`` (segment DPO).
-        step: key of the per-batch step the engine runs (:data:`dpokit.steps.STEPS`):
-            ``"pairwise"``, ``"kto"`` (z0 from mismatched pairs), ``"slic"`` (y_ref rows),
-            ``"segment"`` (segment masks) or ``"sft"``. For a recipe method, the step of each run.
-        recipe: key of the recipe that chains several runs (:data:`dpokit.recipes.RECIPES`):
-            ``"spin"`` (generate/train rounds), ``"stepwise"`` (data chunks with a moving
-            reference); ``None``: one run.
-        stage_count: for a recipe method, the hyperparameter that gives its number of runs
-            (``"iterations"``, ``"chunks"``); else ``None``.
-    """
-
-    name: str
-    title: str
-    paper: str
-    formula: str
-    loss: Callable[..., LossOutput]
-    compute: Callable[[LossInputs, Mapping[str, Any]], LossOutput]
-    hyperparameters: Mapping[str, Hyperparameter]
-    reference: str
-    averaged_logps: bool
-    token_kl: bool
-    scores: bool
-    data: str
-    step: str = "pairwise"
-    recipe: str | None = None
-    stage_count: str | None = None
-
-    def defaults(self) -> dict[str, Any]:
-        """Default value of every hyperparameter."""
-        return {name: hp.default for name, hp in self.hyperparameters.items()}
-
-
-# ---- adapters: LossInputs + resolved hyperparameters -> LossOutput -------------------------------
-
-_POLICY_PAIR = ("policy_chosen_logps", "policy_rejected_logps")
-_REFERENCE_PAIR = ("reference_chosen_logps", "reference_rejected_logps")
-
-
-def _per_token(name: str, inputs: LossInputs, *logps: Tensor) -> tuple[Tensor, ...]:
-    """Divide (chosen, rejected[, ref chosen, ref rejected]) sums by the completion lengths.
-
-    Policy and reference use the same lengths: both score the same tokens.
-    """
-    chosen_lengths, rejected_lengths = inputs.require(name, "chosen_lengths", "rejected_lengths")
-    if bool((chosen_lengths <= 0).any()) or bool((rejected_lengths <= 0).any()):
-        raise ValueError(f"method {name}: completion lengths must be >= 1 to average log-probs")
-    lengths = (chosen_lengths, rejected_lengths) * (len(logps) // 2)
-    return tuple(lp / n.to(lp.dtype) for lp, n in zip(logps, lengths, strict=True))
-
-
-def _compute_dpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    return dpo_loss(*inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR), beta=hp["beta"])
-
-
-def _compute_dpop(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
-    return dpop_loss(*logps, beta=hp["beta"], lam=hp["lam"])
-
-
-def _compute_rdpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
-    return rdpo_loss(*logps, beta=hp["beta"], eps=hp["eps"])
-
-
-def _compute_ipo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    pc, pr, rc, rr = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
-    if hp["average"]:
-        pc, pr, rc, rr = _per_token(name, inputs, pc, pr, rc, rr)
-    return ipo_loss(pc, pr, rc, rr, tau=hp["tau"])
-
-
-def _compute_odpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
-    score_chosen, score_rejected = inputs.require(name, "score_chosen", "score_rejected")
-    offsets = odpo_offsets(score_chosen, score_rejected, alpha=hp["alpha"], form=hp["form"])
-    out = odpo_loss(*logps, offsets.to(logps[0].dtype), beta=hp["beta"])
-    kl = odpo_data_kl(*logps)  # (B,) on the data's completions, not on policy samples
-    if hp["kl_coef"] > 0:
-        out.losses = out.losses + hp["kl_coef"] * kl
-    out.metrics["kl/data"] = kl.detach()
-    return out
-
-
-def _compute_tdpo(
-    name: str, inputs: LossInputs, hp: Mapping[str, Any], *, loss: Callable[..., LossOutput]
-) -> LossOutput:
-    logps = inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR)
-    seq_kl = inputs.require(name, "chosen_seq_kl", "rejected_seq_kl")
-    # tdpo1 has no alpha; its loss ignores the value it gets.
-    alpha = hp.get("alpha", 0.5)
-    return loss(*logps, *seq_kl, beta=hp["beta"], alpha=alpha)
-
-
-def _compute_simpo(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    chosen, rejected = _per_token(name, inputs, *inputs.require(name, *_POLICY_PAIR))
-    return simpo_loss(chosen, rejected, beta=hp["beta"], gamma=hp["gamma"])
-
-
-def _compute_slic(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    chosen, rejected = inputs.require(name, *_POLICY_PAIR)
-    if hp["target"] == "chosen":
-        target = chosen  # "direct" variant: y_ref = y_w
-    else:
-        (target,) = inputs.require(name, "policy_target_logps")
-    return slic_loss(chosen, rejected, target, delta=hp["delta"], lam=hp["lam"])
-
-
-def _compute_kto(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    policy, reference, desirable = inputs.require(
-        name, "policy_logps", "reference_logps", "desirable"
-    )
-    if hp["kl_baseline"] == "zero":
-        kl_baseline = 0.0
-    else:
-        (kl_baseline,) = inputs.require(name, "kl_baseline")
-    return kto_loss(
-        policy,
-        reference,
-        desirable,
-        kl_baseline,
-        beta=hp["beta"],
-        desirable_weight=hp["desirable_weight"],
-        undesirable_weight=hp["undesirable_weight"],
-    )
-
-
-def _compute_spin(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    # chosen = human answer, rejected = the opponent's sample, reference = the opponent.
-    return spin_loss(*inputs.require(name, *_POLICY_PAIR, *_REFERENCE_PAIR), lam=hp["lam"])
-
-
-def _make_compute(
-    name: str,
-    adapter: Callable[[str, LossInputs, Mapping[str, Any]], LossOutput],
-    hyperparameters: Mapping[str, Hyperparameter],
-) -> Callable[..., LossOutput]:
-    def compute(inputs: LossInputs, hparams: Mapping[str, Any] | None = None) -> LossOutput:
-        # Resolving again is cheap, and lets callers pass partial or unparsed hyperparameters.
-        return adapter(name, inputs, _resolve(name, hyperparameters, hparams))
-
-    compute.__name__ = compute.__qualname__ = f"compute_{name}"
-    compute.__doc__ = f"Loss of method {name} from LossInputs and (partial) hyperparameters."
-    return compute
-
-
 # ---- the table -------------------------------------------------------------------------------
-
-_BETA = Hyperparameter(0.1, float, "inverse temperature of the implicit reward", 0.0, low_open=True)
-
-
-def _spec(
-    name: str,
-    adapter: Callable[[str, LossInputs, Mapping[str, Any]], LossOutput],
-    hyperparameters: Mapping[str, Hyperparameter],
-    **fields: Any,
-) -> MethodSpec:
-    hyperparameters = MappingProxyType(dict(hyperparameters))
-    fields.setdefault("averaged_logps", False)
-    fields.setdefault("token_kl", False)
-    fields.setdefault("scores", False)
-    fields.setdefault("data", "pairs")
-    spec = MethodSpec(
-        name=name,
-        compute=_make_compute(name, adapter, hyperparameters),
-        hyperparameters=hyperparameters,
-        **fields,
-    )
-    assert spec.reference in REFERENCE_KINDS and spec.data in DATA_KINDS, spec
-    assert spec.step in STEP_KINDS and spec.recipe in (None, *RECIPE_KINDS), spec
-    assert (spec.recipe is None) == (spec.stage_count is None), spec
-    assert spec.stage_count is None or spec.stage_count in hyperparameters, spec
-    return spec
-
 
 # The variant is bound here, in the table: the loss never receives a method name.
 _TDPO1 = functools.partial(tdpo_loss, variant="tdpo1")
@@ -248,21 +61,21 @@ _TDPO_COMMON = dict(
 )
 
 _SPECS = [
-    _spec(
+    make_spec(
         "dpo",
-        _compute_dpo,
-        {"beta": _BETA},
+        adapters.compute_dpo,
+        {"beta": BETA},
         title="Direct Preference Optimization (DPO)",
         paper="Rafailov et al. 2023, arXiv:2305.18290",
         formula="nls(beta * h)",
         loss=dpo_loss,
         reference="logps",
     ),
-    _spec(
+    make_spec(
         "dpop",
-        _compute_dpop,
+        adapters.compute_dpop,
         {
-            "beta": _BETA,
+            "beta": BETA,
             "lam": Hyperparameter(
                 50.0, float, "weight of the penalty max(0, ref(y_w) - logp(y_w)), inside beta", 0.0
             ),
@@ -274,9 +87,9 @@ _SPECS = [
         loss=dpop_loss,
         reference="logps",
     ),
-    _spec(
+    make_spec(
         "slic",
-        _compute_slic,
+        adapters.compute_slic,
         {
             "delta": Hyperparameter(1.0, float, "margin of the calibration hinge", 0.0),
             "lam": Hyperparameter(0.1, float, "weight of the -logp(y_ref) regularizer", 0.0),
@@ -304,20 +117,20 @@ _SPECS = [
         reference="none",
         step="slic",
     ),
-    _spec(
+    make_spec(
         "tdpo1",
-        functools.partial(_compute_tdpo, loss=_TDPO1),
-        {"beta": _BETA},
+        functools.partial(adapters.compute_tdpo, loss=_TDPO1),
+        {"beta": BETA},
         title="Token-level DPO, variant 1 (TDPO1)",
         formula="nls(beta * (h - (D_l - D_w))), D = sum_t KL(ref || policy) over the vocabulary",
         loss=_TDPO1,
         **_TDPO_COMMON,
     ),
-    _spec(
+    make_spec(
         "tdpo2",
-        functools.partial(_compute_tdpo, loss=_TDPO2),
+        functools.partial(adapters.compute_tdpo, loss=_TDPO2),
         {
-            "beta": _BETA,
+            "beta": BETA,
             "alpha": Hyperparameter(0.5, float, "weight of the token-level KL margin", 0.0),
         },
         title="Token-level DPO, variant 2 (TDPO2, recommended)",
@@ -325,11 +138,11 @@ _SPECS = [
         loss=_TDPO2,
         **_TDPO_COMMON,
     ),
-    _spec(
+    make_spec(
         "kto",
-        _compute_kto,
+        adapters.compute_kto,
         {
-            "beta": _BETA,
+            "beta": BETA,
             "desirable_weight": Hyperparameter(
                 1.0, float, "lam_D; keep lam_D*n_D / (lam_U*n_U) in [1, 4/3]", 0.0, low_open=True
             ),
@@ -351,9 +164,9 @@ _SPECS = [
         data="unpaired",
         step="kto",
     ),
-    _spec(
+    make_spec(
         "ipo",
-        _compute_ipo,
+        adapters.compute_ipo,
         {
             "tau": Hyperparameter(
                 0.1, float, "regularization strength (beta elsewhere)", 0.0, low_open=True
@@ -369,9 +182,9 @@ _SPECS = [
         loss=ipo_loss,
         reference="logps",
     ),
-    _spec(
+    make_spec(
         "spin",
-        _compute_spin,
+        adapters.compute_spin,
         {
             "lam": Hyperparameter(0.1, float, "DPO's beta for SPIN", 0.0, low_open=True),
             "iterations": Hyperparameter(
@@ -396,10 +209,10 @@ _SPECS = [
         recipe="spin",
         stage_count="iterations",
     ),
-    _spec(
+    make_spec(
         "segment_dpo",
-        _compute_dpo,
-        {"beta": _BETA},
+        adapters.compute_dpo,
+        {"beta": BETA},
         title="Segment-level DPO (SDPO)",
         paper="Kong et al. 2025, SDPO: Segment-Level Direct Preference Optimization for Social "
         "Agents, arXiv:2501.01821",
@@ -409,11 +222,11 @@ _SPECS = [
         data="multiturn_pairs",
         step="segment",
     ),
-    _spec(
+    make_spec(
         "stepwise_dpo",
-        _compute_dpo,
+        adapters.compute_dpo,
         {
-            "beta": _BETA,
+            "beta": BETA,
             "chunks": Hyperparameter(
                 2, int, "number of data chunks (training runs; ignored with a `chunk` column)", 1
             ),
@@ -433,9 +246,9 @@ _SPECS = [
         recipe="stepwise",
         stage_count="chunks",
     ),
-    _spec(
+    make_spec(
         "simpo",
-        _compute_simpo,
+        adapters.compute_simpo,
         {
             "beta": Hyperparameter(2.0, float, "reward scale (paper: 2.0-10)", 0.0, low_open=True),
             "gamma": Hyperparameter(
@@ -453,11 +266,11 @@ _SPECS = [
         reference="none",
         averaged_logps=True,
     ),
-    _spec(
+    make_spec(
         "odpo",
-        _compute_odpo,
+        adapters.compute_odpo,
         {
-            "beta": _BETA,
+            "beta": BETA,
             "alpha": Hyperparameter(1.0, float, "scale of the offset", 0.0),
             "form": Hyperparameter(
                 "difference",
@@ -480,11 +293,11 @@ _SPECS = [
         reference="logps",
         scores=True,
     ),
-    _spec(
+    make_spec(
         "rdpo",
-        _compute_rdpo,
+        adapters.compute_rdpo,
         {
-            "beta": _BETA,
+            "beta": BETA,
             "eps": Hyperparameter(0.1, float, "assumed label-flip rate", 0.0, 0.5, high_open=True),
         },
         title="Provably robust DPO (rDPO)",
@@ -494,6 +307,9 @@ _SPECS = [
         reference="logps",
     ),
 ]
+
+_SPECS += CATALOGUE
+_SPECS.append(combined_row({spec.name: spec for spec in _SPECS}))
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
 
@@ -525,7 +341,11 @@ def get_method(name: str) -> MethodSpec:
 
 
 __all__ = [
+    "DATA_KINDS",
     "METHODS",
+    "RECIPE_KINDS",
+    "REFERENCE_KINDS",
+    "STEP_KINDS",
     "Hyperparameter",
     "MethodSpec",
     "get_method",

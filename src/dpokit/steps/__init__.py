@@ -7,12 +7,16 @@ never :mod:`dpokit.engine` or :mod:`dpokit.recipes`. A method's table entry name
 ==========  =======================================================================
 ``step``    serves
 ==========  =======================================================================
-pairwise    DPO, DPOP, IPO, SimPO, ODPO, rDPO, TDPO1/2 (and each run of SPIN, sDPO)
+pairwise    DPO, DPOP, IPO, SimPO, ODPO, rDPO, TDPO1/2, the catalogue (cdpo ... cpo_simpo),
+            combined (and each run of SPIN, sDPO)
 kto         KTO_STEP: unpaired examples, reference point z0 from mismatched pairs
 slic        SLiC-HF: pairs plus the regularizer's target y_ref (chosen or sampled)
 segment     segment DPO: multi-turn pairs, log-probs over one segment's agent turns
 sft         supervised fine-tuning (``dpokit sft``; not a preference method)
 ==========  =======================================================================
+
+:mod:`dpokit.steps.baseline` holds the engine's running reward baseline (BCO), passed to a step as
+``StepContext.reward_baseline``.
 """
 
 from __future__ import annotations

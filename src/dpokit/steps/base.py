@@ -50,6 +50,9 @@ class StepContext:
         policy_head, reference_head: the LM heads, for TDPO's token-level KL.
         chunk_size: tokens per chunk of the chunked LM head.
         accelerator: for collectives (e.g. KTO's cross-process reference point), or None.
+        reward_baseline: for a method with a running reward baseline (BCO), the engine's view
+            (:meth:`dpokit.steps.baseline.RewardBaselineHook.for_split`): called with the
+            batch's LossInputs, it updates (training only) and returns the baseline; else None.
     """
 
     spec: MethodSpec
@@ -60,6 +63,7 @@ class StepContext:
     reference_head: torch.nn.Module | None = None
     chunk_size: int = 1024
     accelerator: object | None = None
+    reward_baseline: Callable | None = None
 
 
 def batch_rows(batch: dict[str, torch.Tensor]) -> int:

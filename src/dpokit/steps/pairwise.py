@@ -56,6 +56,8 @@ def pairwise_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Ste
                 policy_out, reference_out, ctx.policy_head, ctx.reference_head, ctx.chunk_size
             )  # (2B,)
             inputs.chosen_seq_kl, inputs.rejected_seq_kl = seq_kl.split(pairs)
+    if ctx.reward_baseline is not None:  # BCO: update (training) before the loss reads it
+        inputs.reward_baseline = ctx.reward_baseline(inputs)
     out = spec.compute(inputs, ctx.hyperparameters)
     return StepOutput(
         loss=out.losses.mean(),
