@@ -41,6 +41,7 @@ from dpokit.faults import (
     oom_message,
 )
 from dpokit.losses import MethodSpec, get_method
+from dpokit.losses.options import option_settings
 from dpokit.metrics import MetricAverager, MetricsWriter
 from dpokit.modeling import (
     build_policy,
@@ -201,6 +202,7 @@ class Trainer:
             sharding=self.sharding,
             dtype=self.dtype,
             loader=lambda prepared: self._loader(prepared, shuffle=False),
+            reduction=option_settings(self.spec, self.hyperparameters).reduction,  # LD-DPO
         )
         splits = {"train": self.train_data, "eval": self.eval_data}
         return builder.build(self.reference_mode, splits)

@@ -60,6 +60,10 @@ class LossInputs:
     SLiC: ``policy_target_logps`` = log-prob of y_ref (``None`` means y_ref = chosen).
     KTO (unpaired): ``policy_logps``, ``reference_logps``, ``desirable`` (bool) and the scalar
     ``kl_baseline`` z0 from :func:`dpokit.losses.kto_kl_baseline`.
+    Options (:mod:`dpokit.losses.options`): ``ld_policy_chosen_logps``/``ld_policy_rejected_logps``
+    (LD-DPO sums; the ``reference_*`` fields then hold the reference's LD sums) and
+    ``chosen_log_sum_sq``/``rejected_log_sum_sq`` (WPO: sum over completion tokens of
+    ``log sum_v p_v**2``).
     """
 
     policy_chosen_logps: Tensor | None = None
@@ -77,6 +81,12 @@ class LossInputs:
     reference_logps: Tensor | None = None
     desirable: Tensor | None = None
     kl_baseline: Tensor | float | None = None
+    # Options on pairwise methods (dpokit.losses.options), filled by the pairwise step when on:
+    # LD-DPO's length-desensitised policy sums and WPO's sums of log sum_v p_v**2 (no grad).
+    ld_policy_chosen_logps: Tensor | None = None
+    ld_policy_rejected_logps: Tensor | None = None
+    chosen_log_sum_sq: Tensor | None = None
+    rejected_log_sum_sq: Tensor | None = None
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
         """Return the named inputs, or raise ``ValueError`` naming every missing one."""

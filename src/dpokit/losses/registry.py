@@ -31,6 +31,7 @@ from dpokit.losses.hyperparameters import resolve as _resolve  # _make_compute's
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_loss
 from dpokit.losses.odpo import odpo_data_kl, odpo_loss, odpo_offsets
+from dpokit.losses.options import takes_pairwise_options, with_pairwise_options
 from dpokit.losses.rdpo import rdpo_loss
 from dpokit.losses.simpo import simpo_loss
 from dpokit.losses.slic import slic_loss
@@ -493,6 +494,16 @@ _SPECS = [
         loss=rdpo_loss,
         reference="logps",
     ),
+]
+
+# The options of every pairwise method with a reference (nll_weight, ld_alpha, use_weighting;
+# f-DPO's on the losses of rho_w - rho_l of summed log-probs): dpokit.losses.options.
+_F_DIVERGENCE = ("dpo", "rdpo", "stepwise_dpo", "spin")
+_SPECS = [
+    with_pairwise_options(s, f_divergence=s.name in _F_DIVERGENCE)
+    if takes_pairwise_options(s)
+    else s
+    for s in _SPECS
 ]
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
