@@ -52,6 +52,7 @@ from dpokit.modeling import (
 )
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
+from dpokit.reference_sync import build_reference_sync, check_sync_config, sync_reference_mode
 from dpokit.steps import Procedure, StepContext, procedure_for
 
 logger = logging.getLogger("dpokit")
@@ -126,6 +127,7 @@ class Trainer:
         self.procedure = procedure or procedure_for(self.spec)
         if self.procedure.check is not None:
             self.procedure.check(config, self.spec)  # before anything loads
+        check_sync_config(config, self.spec)  # TR-DPO
         self.packing = resolve_packing(config, self.spec, self.procedure)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
@@ -149,6 +151,7 @@ class Trainer:
         self._build_optimizer()
         # After `prepare`: pre-computed reference log-probs are scored by the prepared policy.
         self.references = self._build_references()
+        self.reference_sync = build_reference_sync(self)  # TR-DPO; None when off
 
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -193,7 +196,8 @@ class Trainer:
     # ---- reference ------------------------------------------------------------------------------
     def _build_references(self) -> dict[str, object | None]:
         """One reference per split (pre-computed tables are indexed by the split's rows)."""
-        self.reference_mode = choose_reference_mode(self.config, self.spec)
+        mode = choose_reference_mode(self.config, self.spec)
+        self.reference_mode = sync_reference_mode(self.config, mode)  # TR-DPO: online
         logger.info("method %s: reference mode %s", self.spec.name, self.reference_mode)
         builder = ReferenceBuilder(
             config=self.config,
@@ -298,6 +302,8 @@ class Trainer:
             if not stepped:
                 continue
             loop.step += 1
+            if self.reference_sync is not None:
+                self.reference_sync.after_step(loop.step)  # TR-DPO
             progress.update(1)
             record = self._log(
                 loop.step, loop.averager, grad_norm, loop.tokens, loop.tick, writer, progress
