@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.losses.options import F_DIVERGENCE_OPTIONS, PAIRWISE_OPTIONS
+
+OPTION_DEFAULTS = {name: hp.default for name, hp in PAIRWISE_OPTIONS.items()}
+F_DEFAULTS = {name: hp.default for name, hp in F_DIVERGENCE_OPTIONS.items()}
 
 
 def test_yaml_then_keywords_then_overrides(tmp_path):
@@ -12,14 +16,15 @@ def test_yaml_then_keywords_then_overrides(tmp_path):
     path.write_text("method: dpop\nmodel: m\nbeta: 0.3\nlam: 5\nbatch_size: 2\n")
     config = TrainConfig.load(path, ["beta=0.2", "learning_rate=5e-7"], batch_size=8)
     assert config.method == "dpop"
-    assert config.method_args == {"beta": 0.2, "lam": 5.0}
+    assert config.method_args == {"beta": 0.2, "lam": 5.0, **OPTION_DEFAULTS}
     assert config.batch_size == 8
     assert config.learning_rate == pytest.approx(5e-7)
 
 
 def test_defaults_come_from_the_method_table():
     assert TrainConfig(method="simpo").method_args == {"beta": 2.0, "gamma": 1.0}
-    assert TrainConfig(method="rdpo").method_args == {"beta": 0.1, "eps": 0.1}
+    rdpo = {"beta": 0.1, "eps": 0.1, **OPTION_DEFAULTS, **F_DEFAULTS}
+    assert TrainConfig(method="rdpo").method_args == rdpo
 
 
 @pytest.mark.parametrize(

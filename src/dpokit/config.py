@@ -151,6 +151,22 @@ class TrainConfig:
         "pre-computed reference log-probs; default ~/.cache/dpokit/reference_logps",
         kind=str,
     )
+    sync_ref_model: bool = _key(
+        False,
+        "reference",
+        "TR-DPO (arXiv:2404.09656): move the reference toward the policy every "
+        "ref_model_sync_steps optimizer steps (an online reference; dpokit.reference_sync)",
+    )
+    ref_model_mixup_alpha: float = _key(
+        0.6,
+        "reference",
+        "TR-DPO: ref <- alpha * policy + (1 - alpha) * ref at each sync; 1 = hard copy",
+        low=0.0,
+        high=1.0,
+    )
+    ref_model_sync_steps: int = _key(
+        512, "reference", "TR-DPO: optimizer steps between syncs", low=1
+    )
 
     dtype: str = _key(
         "auto",

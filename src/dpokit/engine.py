@@ -42,6 +42,7 @@ from dpokit.faults import (
     oom_message,
 )
 from dpokit.losses import MethodSpec, get_method
+from dpokit.losses.options import option_settings
 from dpokit.metrics import MetricAverager, MetricsWriter
 from dpokit.modeling import (
     build_policy,
@@ -52,6 +53,7 @@ from dpokit.modeling import (
 )
 from dpokit.optim import build_optimizer, build_scheduler, count_steps
 from dpokit.reference import ReferenceBuilder, choose_reference_mode
+from dpokit.reference_sync import build_reference_sync, check_sync_config, sync_reference_mode
 from dpokit.rundir import RunDirectory, trajectory_fingerprint
 from dpokit.sharding import clip_grad_norm, load_sharded_state, save_sharded_state, shard_scorer
 from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
@@ -129,6 +131,7 @@ class Trainer:
         self.procedure = procedure or procedure_for(self.spec)
         if self.procedure.check is not None:
             self.procedure.check(config, self.spec)  # before anything loads
+        check_sync_config(config, self.spec)  # TR-DPO
         self.packing = resolve_packing(config, self.spec, self.procedure)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
@@ -159,6 +162,7 @@ class Trainer:
         self._build_optimizer()
         # After `prepare`: pre-computed reference log-probs are scored by the prepared policy.
         self.references = self._build_references()
+        self.reference_sync = build_reference_sync(self)  # TR-DPO; None when off
 
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -203,7 +207,8 @@ class Trainer:
     # ---- reference ------------------------------------------------------------------------------
     def _build_references(self) -> dict[str, object | None]:
         """One reference per split (pre-computed tables are indexed by the split's rows)."""
-        self.reference_mode = choose_reference_mode(self.config, self.spec)
+        mode = choose_reference_mode(self.config, self.spec)
+        self.reference_mode = sync_reference_mode(self.config, mode)  # TR-DPO: online
         logger.info("method %s: reference mode %s", self.spec.name, self.reference_mode)
         builder = ReferenceBuilder(
             config=self.config,
@@ -212,6 +217,7 @@ class Trainer:
             sharding=self.sharding,
             dtype=self.dtype,
             loader=lambda prepared: self._loader(prepared, shuffle=False),
+            reduction=option_settings(self.spec, self.hyperparameters).reduction,  # LD-DPO
         )
         splits = {"train": self.train_data, "eval": self.eval_data}
         return builder.build(self.reference_mode, splits)
@@ -310,6 +316,8 @@ class Trainer:
             if not stepped:
                 continue
             loop.step += 1
+            if self.reference_sync is not None:
+                self.reference_sync.after_step(loop.step)  # TR-DPO
             progress.update(1)
             record = self._log(
                 loop.step, loop.averager, grad_norm, loop.tokens, loop.tick, writer, progress

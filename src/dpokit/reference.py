@@ -255,12 +255,18 @@ def save_cached(cache_dir: Path, key: CacheKey, reference: PrecomputedReference)
 
 @torch.no_grad()
 def compute_reference_logps(
-    reference, batches: Iterable[dict[str, torch.Tensor]], num_rows: int, gather=None
+    reference,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_rows: int,
+    gather=None,
+    reduction: Callable | None = None,
 ) -> PrecomputedReference:
     """Score every row once with ``reference`` (any object with ``score``).
 
     ``batches`` may be this process's shard; ``gather`` (e.g. ``accelerator.gather_for_metrics``)
-    collects the shards so every process ends with the full table.
+    collects the shards so every process ends with the full table. ``reduction(out, pairs)``
+    (a :class:`~dpokit.losses.options.SequenceReduction`, e.g. LD-DPO) turns a batch's score into
+    its ``(2B,)`` sequence log-probs; default the plain sums.
     """
     logps = torch.zeros((num_rows, 2))
     counts = torch.zeros((num_rows, 2), dtype=torch.long)
@@ -271,7 +277,8 @@ def compute_reference_logps(
         pairs = batch["index"].shape[0]
         local_rows += pairs
         index = batch["index"]  # (B,)
-        row_logps = out.logps.float().view(2, pairs).T  # (B, 2): chosen, rejected
+        sequence_logps = reduction(out, pairs) if reduction is not None else out.logps  # (2B,)
+        row_logps = sequence_logps.float().view(2, pairs).T  # (B, 2): chosen, rejected
         row_counts = out.token_counts.view(2, pairs).T  # (B, 2)
         if gather is not None:
             index, row_logps, row_counts = gather((index, row_logps, row_counts))
@@ -320,6 +327,9 @@ class ReferenceBuilder:
         sharding: ``"fsdp"``, ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
         dtype: the dtype a separate reference model is loaded in.
         loader: ``loader(prepared) -> DataLoader``, unshuffled, with the run's collator.
+        reduction: how a pre-computed table sums per-token log-probs (a
+            :class:`~dpokit.losses.options.SequenceReduction`; its ``cache_settings()`` are part
+            of the cache key); None: plain sums.
     """
 
     config: object
@@ -328,6 +338,7 @@ class ReferenceBuilder:
     sharding: str | None
     dtype: torch.dtype
     loader: Callable
+    reduction: object | None = None
 
     def build(self, mode: str, splits: dict) -> dict[str, object | None]:
         """One reference per split name of ``splits`` (name -> PreparedData or None), for
@@ -385,7 +396,11 @@ class ReferenceBuilder:
             reference_identity=model_identity(config.reference or config.model),
             data_fingerprint=prepared.fingerprint,
             settings=json.dumps(
-                {"dtype": config.dtype, "mixed_precision": self.accelerator.mixed_precision}
+                {
+                    "dtype": config.dtype,
+                    "mixed_precision": self.accelerator.mixed_precision,
+                    **(self.reduction.cache_settings() if self.reduction is not None else {}),
+                }
             ),
         )
 
@@ -404,7 +419,7 @@ class ReferenceBuilder:
         loader = acc.prepare_data_loader(self.loader(prepared))
         with acc.autocast():
             table = compute_reference_logps(
-                reference, loader, num_rows, gather=acc.gather_for_metrics
+                reference, loader, num_rows, gather=acc.gather_for_metrics, reduction=self.reduction
             )
         logger.info(
             "reference log-probs: process %d scored %d of %d rows",

@@ -160,11 +160,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, save_rows, workspace):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, save_rows, workspace, with_sq):
         dtype = _compute_dtype(hidden, weight, bias)
         n = hidden.shape[0]
         logps = hidden.new_empty(n, dtype=dtype)  # (N,)
         lse = hidden.new_empty(n, dtype=dtype)  # (N,)
+        log_sum_sq = hidden.new_empty(n, dtype=dtype) if with_sq else None  # (N,)
         exps = []  # exp(z - max) of the chunks that fit in save_rows, (C, V) each
         saved = n if save_rows >= n else save_rows // chunk_size * chunk_size  # whole chunks
         inv_sums = hidden.new_zeros(saved, dtype=dtype)  # (S,)
@@ -178,16 +179,24 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 target_logits, row_max, sums = _softmax_stats_(logits, targets[rows])
                 lse[rows] = row_max + sums.log()
                 logps[rows] = target_logits - lse[rows]
+                if log_sum_sq is not None:
+                    # log sum_v p_v^2 = log sum e^(2(z - max)) - 2 log sum e^(z - max), from the
+                    # exps already in the buffer; the norm is >= 1 (the max term), no underflow.
+                    norms = torch.linalg.vector_norm(logits, dim=1)  # (C,)
+                    log_sum_sq[rows] = 2.0 * (norms.log() - sums.log())
                 if rows.stop <= saved:
                     exps.append(logits)  # softmax(z) = exp(z - max) / sum
                     inv_sums[rows] = sums.reciprocal()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, inv_sums, *exps)
         ctx.chunk_size = chunk_size
         ctx.workspace, ctx.token = workspace, token
-        return logps
+        if log_sum_sq is None:
+            return logps
+        ctx.mark_non_differentiable(log_sum_sq)
+        return logps, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, *_grad_log_sum_sq):
         hidden, weight, bias, targets, lse, inv_sums, *exps = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = lse.dtype
@@ -221,6 +230,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -232,7 +242,8 @@ def chunked_token_logps(
     chunk_size: int = 1024,
     save_rows: int = 0,
     workspace: SoftmaxWorkspace | None = None,
-) -> Tensor:
+    return_log_sum_sq: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each target token under an LM head, without materialising (N, V) logits.
 
         logp_i = (W h_i + b)[y_i] - logsumexp(W h_i + b)
@@ -246,16 +257,20 @@ def chunked_token_logps(
             from forward for backward instead of recomputing their logits: faster by one
             (rows, H) x (H, V) matmul, at 4 x V bytes per row. 0 (default): recompute all.
         workspace: where to keep those rows (reused across calls; see :class:`SoftmaxWorkspace`).
+        return_log_sum_sq: also return each row's ``log sum_v softmax(z)_v**2`` (WPO's weights,
+            Zhou et al. 2024, arXiv:2406.11827), from the same chunk logits: no extra (N, V).
 
     Returns:
-        (N,) fp32 log-probs (fp64 if an input is fp64), differentiable wrt hidden, weight, bias.
+        (N,) fp32 log-probs (fp64 if an input is fp64), differentiable wrt hidden, weight, bias;
+        with ``return_log_sum_sq`` the pair (log-probs, (N,) log sum of squared probabilities,
+        no gradient).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if save_rows < 0:
         raise ValueError(f"save_rows must be >= 0, got {save_rows}")
     return _ChunkedTokenLogps.apply(
-        hidden, weight, bias, targets.long(), chunk_size, save_rows, workspace
+        hidden, weight, bias, targets.long(), chunk_size, save_rows, workspace, return_log_sum_sq
     )
 
 

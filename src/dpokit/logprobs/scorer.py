@@ -46,6 +46,8 @@ class ScoreOutput:
     row_index: Tensor | None = None  # (M,) long: the sequence each scored token belongs to
     token_logps: Tensor | None = None  # (M,) per-token log-probs, row-major (sequence, position)
     completion_logprobs: Tensor | None = None  # (M, V) fp32 log-probs, exact path, return_hidden
+    # (M,) fp32 log sum_v p_v**2 at each scored position, no grad (return_log_sum_sq; WPO)
+    token_log_sum_sq: Tensor | None = None
 
 
 # Config fields that make a model's logits differ from hidden @ W.T + b.
@@ -216,6 +218,7 @@ class CompletionScorer(nn.Module):
         sequence_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
         branch_ids: Tensor | None = None,
+        return_log_sum_sq: bool = False,
     ) -> ScoreOutput:
         """Score the completion tokens of each row, or of each sequence packed in the rows.
 
@@ -232,6 +235,8 @@ class CompletionScorer(nn.Module):
             segment_ids, branch_ids: packed rows: (R, T) long, who attends to whom (see
                 :func:`dpokit.data.packing.packed_attention_mask`); attention_mask then only marks
                 real tokens.
+            return_log_sum_sq: also return ``token_log_sum_sq`` (M,), ``log sum_v p_v**2`` of the
+                policy's distribution at each scored position (WPO), without gradient.
         """
         scored = _scored_positions(completion_mask, attention_mask)  # (R, T-1)
         targets = input_ids[:, 1:][scored]  # (M,)
@@ -257,12 +262,17 @@ class CompletionScorer(nn.Module):
                 self.chunk_size,
                 save_rows=self._save_rows(head.weight) if torch.is_grad_enabled() else 0,
                 workspace=self._workspace,
+                return_log_sum_sq=return_log_sum_sq,
             )
+            if return_log_sum_sq:
+                token_logps, log_sum_sq = token_logps
             extra = {"completion_hidden": hidden if return_hidden else None}
         else:
             logits = self._completion_logits(input_ids, scored, model_kwargs)
             logprobs = logits.float().log_softmax(dim=-1)  # (M, V)
             token_logps = logprobs.gather(1, targets[:, None]).squeeze(1)  # (M,)
+            if return_log_sum_sq:
+                log_sum_sq = torch.logsumexp(2.0 * logprobs.detach(), dim=-1)  # (M,)
             extra = {"completion_logprobs": logprobs if return_hidden else None}
         logps = sum_per_row(token_logps, row_index, n_out)  # (N,)
         counts = torch.bincount(row_index, minlength=n_out)  # (N,)
@@ -272,6 +282,7 @@ class CompletionScorer(nn.Module):
             avg_logps=logps / counts.clamp(min=1),
             token_logps=token_logps,
             row_index=row_index,
+            token_log_sum_sq=log_sum_sq if return_log_sum_sq else None,
             **extra,
         )
 

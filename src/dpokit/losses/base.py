@@ -62,6 +62,10 @@ class LossInputs:
     ``kl_baseline`` z0 from :func:`dpokit.losses.kto_kl_baseline`.
     BCO (``bco_pair``): ``reward_baseline``, the scalar running mean of the rewards
     (:class:`dpokit.losses.bco.RewardBaseline`), owned and updated by the engine.
+    Options (:mod:`dpokit.losses.options`): ``ld_policy_chosen_logps``/``ld_policy_rejected_logps``
+    (LD-DPO sums; the ``reference_*`` fields then hold the reference's LD sums) and
+    ``chosen_log_sum_sq``/``rejected_log_sum_sq`` (WPO: sum over completion tokens of
+    ``log sum_v p_v**2``).
     """
 
     policy_chosen_logps: Tensor | None = None
@@ -80,6 +84,12 @@ class LossInputs:
     desirable: Tensor | None = None
     kl_baseline: Tensor | float | None = None
     reward_baseline: Tensor | float | None = None
+    # Options on pairwise methods (dpokit.losses.options), filled by the pairwise step when on:
+    # LD-DPO's length-desensitised policy sums and WPO's sums of log sum_v p_v**2 (no grad).
+    ld_policy_chosen_logps: Tensor | None = None
+    ld_policy_rejected_logps: Tensor | None = None
+    chosen_log_sum_sq: Tensor | None = None
+    rejected_log_sum_sq: Tensor | None = None
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
         """Return the named inputs, or raise ``ValueError`` naming every missing one."""

@@ -122,3 +122,37 @@ def ld_sequence_logps(
         weighted_sum(chosen_token_logps, chosen_weights),
         weighted_sum(rejected_token_logps, rejected_weights),
     )
+
+
+def ld_flat_weights(row_index: Tensor, pairs: int, alpha: float, dtype: torch.dtype) -> Tensor:
+    """LD-DPO's per-token weights in the scorer's flat layout (see :func:`ld_token_weights`).
+
+    Args:
+        row_index: ``(M,)`` long: the sequence each scored token belongs to, in ``[0, 2B)``;
+            sequences ``0..B-1`` are the chosen answers, ``B..2B-1`` the rejected ones of the same
+            pairs, and each sequence's tokens appear in order (the layout of
+            ``dpokit.logprobs.ScoreOutput``, row-major; sequences may interleave).
+        pairs: B.
+        alpha: tail weight in [0, 1].
+        dtype: float dtype of the weights (the token log-probs').
+
+    Returns:
+        ``(M,)`` weights: 1 for a token whose 1-based index k in its sequence is
+        ``<= min(|y_w|, |y_l|)`` of its pair, ``alpha`` beyond.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1]; a row index outside ``[0, 2B)``.
+    """
+    check_range("alpha", alpha, 0.0, 1.0)
+    n = 2 * pairs
+    if len(row_index) and (int(row_index.min()) < 0 or int(row_index.max()) >= n):
+        raise ValueError(f"row_index must lie in [0, {n}) for {pairs} pairs")
+    counts = torch.bincount(row_index, minlength=n)  # (2B,) completion tokens per sequence
+    starts = counts.cumsum(0) - counts  # (2B,) where each sequence begins once sorted
+    order = torch.argsort(row_index, stable=True)  # keeps each sequence's token order
+    sorted_rows = row_index[order]
+    position = torch.empty_like(row_index)
+    position[order] = torch.arange(len(row_index), device=row_index.device) - starts[sorted_rows]
+    shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)  # (2B,)
+    head = position < shared[row_index]  # 0-based position: k <= l_p
+    return head.to(dtype) + alpha * (~head).to(dtype)

@@ -33,6 +33,7 @@ from dpokit.losses.hyperparameters import Hyperparameter, resolve_hyperparameter
 from dpokit.losses.ipo import ipo_loss
 from dpokit.losses.kto import kto_loss
 from dpokit.losses.odpo import odpo_loss
+from dpokit.losses.options import takes_pairwise_options, with_pairwise_options
 from dpokit.losses.rdpo import rdpo_loss
 from dpokit.losses.simpo import simpo_loss
 from dpokit.losses.slic import slic_loss
@@ -309,6 +310,15 @@ _SPECS = [
 ]
 
 _SPECS += CATALOGUE
+# The options of every pairwise method with a reference (nll_weight, ld_alpha, use_weighting;
+# f-DPO's on the losses of rho_w - rho_l of summed log-probs): dpokit.losses.options.
+_F_DIVERGENCE = ("dpo", "rdpo", "stepwise_dpo", "spin")
+_SPECS = [
+    with_pairwise_options(s, f_divergence=s.name in _F_DIVERGENCE)
+    if takes_pairwise_options(s)
+    else s
+    for s in _SPECS
+]
 _SPECS.append(combined_row({spec.name: spec for spec in _SPECS}))
 
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})

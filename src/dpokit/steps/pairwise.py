@@ -11,7 +11,9 @@ import torch
 from dpokit.data import PairCollator, prepare_pairs
 from dpokit.data.packing import pair_collator
 from dpokit.logprobs import ScoreOutput, scorer_kwargs, sequence_kl_from_hidden
+from dpokit.logprobs.kernels import sum_per_row
 from dpokit.losses import LossInputs, LossOutput
+from dpokit.losses.options import OptionSettings, option_settings
 from dpokit.steps.base import Procedure, StepContext, StepOutput
 
 
@@ -26,12 +28,14 @@ def pairwise_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Ste
     method needs is missing.
     """
     spec = ctx.spec
+    options = option_settings(spec, ctx.hyperparameters)  # LD-DPO, WPO: what to compute
     policy_out: ScoreOutput = ctx.policy(
         batch["input_ids"],  # (2B, T): chosen rows, then rejected rows [, SLiC's y_ref rows]
         batch["attention_mask"],
         batch["completion_mask"],
         **scorer_kwargs(batch),  # position ids; packed rows' layout
         return_hidden=spec.token_kl,
+        **({"return_log_sum_sq": True} if options.use_weighting else {}),
     )
     pairs = batch["index"].shape[0]
     # (B,) each; a third block, when present, is SLiC's sampled y_ref (steps/slic.py)
@@ -46,10 +50,11 @@ def pairwise_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Ste
         score_rejected=batch.get("score_rejected"),
         policy_target_logps=policy_target[0] if policy_target else None,
     )
+    _feed_options(options, policy_out, pairs, inputs)
     if spec.reference != "none":
         reference_out = ctx.reference.score(batch, return_hidden=spec.token_kl)
         inputs.reference_chosen_logps, inputs.reference_rejected_logps = (
-            reference_out.logps.detach().float().split(pairs)
+            options.reduction(reference_out, pairs).detach().float().split(pairs)
         )
         if spec.token_kl:
             seq_kl = sequence_kl_from_hidden(
@@ -65,6 +70,21 @@ def pairwise_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Ste
         losses=out.losses.detach(),
         correct=(out.chosen_rewards > out.rejected_rewards),
     )
+
+
+def _feed_options(
+    options: OptionSettings, policy_out: ScoreOutput, pairs: int, inputs: LossInputs
+) -> None:
+    """Fill the option inputs (:mod:`dpokit.losses.options`) from the policy's per-token output:
+    LD-DPO's sums ``(B,)`` each, WPO's sums of ``log sum_v p_v**2`` ``(B,)`` each (no grad)."""
+    if not options.reduction.plain:
+        ld = options.reduction(policy_out, pairs)  # (2B,)
+        inputs.ld_policy_chosen_logps, inputs.ld_policy_rejected_logps = ld.split(pairs)
+    if options.use_weighting:
+        sums = sum_per_row(
+            policy_out.token_log_sum_sq, policy_out.row_index, policy_out.logps.shape[0]
+        )  # (2B,)
+        inputs.chosen_log_sum_sq, inputs.rejected_log_sum_sq = sums.split(pairs)[:2]
 
 
 def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]:
@@ -85,11 +105,16 @@ def pair_metrics(out: LossOutput, inputs: LossInputs) -> dict[str, torch.Tensor]
         metrics["logps/target"] = inputs.policy_target_logps.detach().mean()
     if inputs.reference_chosen_logps is not None:
         # Mean log-ratio on the data: a sample-free proxy for how far the policy has moved.
-        metrics["logratio/chosen"] = (
-            inputs.policy_chosen_logps.detach() - inputs.reference_chosen_logps
-        ).mean()
+        # With LD-DPO both sides are the length-desensitised sums.
+        chosen_logps, rejected_logps = inputs.policy_chosen_logps, inputs.policy_rejected_logps
+        if inputs.ld_policy_chosen_logps is not None:
+            chosen_logps, rejected_logps = (
+                inputs.ld_policy_chosen_logps,
+                inputs.ld_policy_rejected_logps,
+            )
+        metrics["logratio/chosen"] = (chosen_logps.detach() - inputs.reference_chosen_logps).mean()
         metrics["logratio/rejected"] = (
-            inputs.policy_rejected_logps.detach() - inputs.reference_rejected_logps
+            rejected_logps.detach() - inputs.reference_rejected_logps
         ).mean()
     if inputs.chosen_seq_kl is not None:
         metrics["kl/chosen"] = inputs.chosen_seq_kl.detach().mean()
