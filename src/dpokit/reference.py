@@ -36,7 +36,7 @@ from dpokit.distributed import (
 from dpokit.errors import NonFiniteError
 from dpokit.hashing import file_sha256, json_digest, sha256_hex
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
-from dpokit.modeling import load_model
+from dpokit.modeling import load_model, loading_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class ReferenceBuilder:
     def frozen(self) -> FrozenReference:
         """A frozen copy of ``config.reference`` (else the starting model) on the device."""
         name = self.config.reference or self.config.model
-        model = load_model(name, self.dtype)
+        model = load_model(name, self.dtype, loading=loading_kwargs(self.config))
         scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
         return FrozenReference(scorer.to(self.accelerator.device))
 

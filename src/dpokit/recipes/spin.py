@@ -51,7 +51,7 @@ from dpokit.data.rows import dataset_column_kinds
 from dpokit.data.sft import SFTExample, prepare_sft
 from dpokit.generation import generate_completions
 from dpokit.losses import get_method
-from dpokit.modeling import load_tokenizer, resolve_dtype
+from dpokit.modeling import load_tokenizer, loading_kwargs, resolve_dtype
 from dpokit.recipes.stages import check_stage_config, run_stages, write_text
 
 logger = logging.getLogger("dpokit")
@@ -89,7 +89,7 @@ def run_spin(config: TrainConfig):
         )
     hyperparameters = config.method_args
     state = PartialState()
-    tokenizer = load_tokenizer(config.model, config.chat_template)
+    tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
     prompts = read_sft(config, tokenizer)
     names = [f"iter-{t}" for t in range(hyperparameters["iterations"])]
 
@@ -140,7 +140,9 @@ def generate_answers(
     hyperparameters = config.method_args
     state = PartialState()
     device = state.device
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=resolve_dtype(config.dtype), **loading_kwargs(config)
+    )
     model.to(device)
     greedy = hyperparameters["temperature"] == 0
     bf16 = (

@@ -48,7 +48,7 @@ from dpokit.data import DataConfig, DataError, PairCollator, prepare_pairs
 from dpokit.data.loading import load_source
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
-from dpokit.modeling import load_model, load_tokenizer, resolve_dtype
+from dpokit.modeling import load_model, load_tokenizer, loading_kwargs, resolve_dtype
 from dpokit.recipes.stages import check_stage_config, run_stages, write_text
 from dpokit.reference import FrozenReference, compute_reference_logps
 
@@ -129,7 +129,7 @@ def plan_chunks(config: TrainConfig, source=None) -> ChunkPlan:
     hyperparameters = config.method_args
     settings = _data_settings(config)
     source = source or load_source(config.data, settings, config.data_split)
-    tokenizer = load_tokenizer(config.model, config.chat_template)
+    tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
     # Identical pairs are kept here so that prepared row i is source row i; each chunk's own
     # preparation applies identical_pairs as configured.
     keep_all = dataclasses.replace(settings, identical_pairs="keep")
@@ -200,7 +200,7 @@ def split_by_column(source, column: str = CHUNK_COLUMN) -> tuple[list[int], list
 def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
     """(N,) ref(y_w) - ref(y_l) of every prepared row under the starting model, in fp32."""
     device = PartialState().device
-    model = load_model(config.model, resolve_dtype(config.dtype))
+    model = load_model(config.model, resolve_dtype(config.dtype), loading=loading_kwargs(config))
     reference = FrozenReference(CompletionScorer(model, chunk_size=config.logps_chunk_size))
     reference.scorer.to(device)
     loader = DataLoader(
