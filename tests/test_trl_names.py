@@ -374,3 +374,31 @@ def test_train_help_with_a_method_shows_its_hyperparameters(capsys):
     assert "method ipo" in text and "  tau=0.1" in text
     assert "regularization strength" in text
     assert "beta=... is read as tau (TRL's name)" in text
+
+
+# ---- progress bars and the data summary --------------------------------------------------------
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_reference_precompute_and_weight_hashing_show_bars(tmp_path, tiny_dir, capfd, progress):
+    import shutil
+
+    model = shutil.copytree(tiny_dir, tmp_path / "model")  # a new path: its hash is not memoised
+    data = write(tmp_path / "prefs.jsonl", PAIRS)
+    argv = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path)]
+    argv += ["max_steps=1", "max_length=64", "max_prompt_length=32", f"progress={progress}"]
+    argv += ["reference_mode=precomputed"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert ("reference log-probs:" in err) is progress
+    assert ("hashing model.safetensors" in err) is progress
+
+
+def test_data_summary_is_logged_once(tmp_path, tiny_dir, caplog):
+    data = write(tmp_path / "prefs.jsonl", PAIRS)
+    argv = ["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path)]
+    argv += ["max_steps=1", "max_length=64", "max_prompt_length=32", "progress=false"]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    summaries = [r for r in caplog.records if r.levelno >= logging.INFO and "kept 8" in r.message]
+    assert len(summaries) == 1, [r.message for r in summaries]

@@ -166,6 +166,8 @@ class Trainer:
                 train, evaluation = train_eval_split(train, config.eval_fraction, config.seed)
         if self.is_main:
             logger.info("training data: %s", train.summary.format())
+            if evaluation is not None and config.eval_data:
+                logger.info("eval data: %s", evaluation.summary.format())
         self.train_data, self.eval_data = train, evaluation
         pad_token_id = self.tokenizer.pad_token_id
         if self.packing == "none":

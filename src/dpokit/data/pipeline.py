@@ -302,7 +302,9 @@ def _cache_exists(cache_file: str, num_proc: int | None) -> bool:
 
 
 def _report(summary: DataSummary) -> None:
-    logger.info("%s", summary.format())
+    # Debug level: the run prints the summary of what it trains on once (the engine, after any
+    # conversion such as KTO's pairs -> examples).
+    logger.debug("%s", summary.format())
     if summary.identical_pairs:
         logger.warning(
             "%s: %d row(s) with chosen identical to rejected (%d of them only after truncation "

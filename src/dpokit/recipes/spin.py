@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dpokit.config import ConfigError, TrainConfig
@@ -155,7 +156,9 @@ def generate_answers(
     starts = range(0, len(prompts.prompt_input_ids), size)
     mine = []  # (start, completions) of this process's batches
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in starts[state.process_index :: state.num_processes]:
+        mine_starts = starts[state.process_index :: state.num_processes]
+        show = config.progress and state.is_main_process
+        for start in tqdm(mine_starts, desc="SPIN generation (batches)", disable=not show):
             batch = generate_completions(
                 model,
                 tokenizer,

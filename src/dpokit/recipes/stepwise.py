@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, DataError, PairCollator, prepare_pairs
@@ -209,7 +210,9 @@ def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
         shuffle=False,
         collate_fn=PairCollator(tokenizer.pad_token_id),
     )
-    batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+    show = config.progress and PartialState().is_main_process
+    ranking = tqdm(loader, desc="stepwise ranking (reference margins)", disable=not show)
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in ranking)
     table = compute_reference_logps(reference, batches, len(prepared))
     return (table.logps[:, 0] - table.logps[:, 1]).double().numpy()  # (N,)
 
