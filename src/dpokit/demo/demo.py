@@ -344,8 +344,9 @@ def plot_before_after(
     left.hist(after.samples.rewards, bins=bins, alpha=0.6, label=f"{label} (after)")
     left.set_xlabel("judge reward of held-out samples")
     left.set_title(
-        f"mean {before.metrics['judge_reward']:.2f} -> {after.metrics['judge_reward']:.2f}, "
-        f"win rate {after.metrics['win_rate']:.0%}"
+        # the table's format: 3 decimals, win_rate as a share
+        f"judge_reward {before.metrics['judge_reward']:.3f} -> "
+        f"{after.metrics['judge_reward']:.3f}, win_rate {after.metrics['win_rate']:.3f}"
     )
     left.legend()
     if metrics_file.exists():
