@@ -323,8 +323,8 @@ def test_command_line_wins_over_yaml_under_either_name(tmp_path):
         tmp_path / "run.yaml",
         {"model_name_or_path": "a", "per_device_train_batch_size": 8, "bf16": True},
     )
-    loaded = TrainConfig.load(config, ["batch_size=2", "mixed_precision=no"], model="b", data="d")
-    assert (loaded.model, loaded.batch_size, loaded.mixed_precision) == ("b", 2, "no")
+    loaded = TrainConfig.load(config, ["batch_size=2", "mixed_precision=fp16"], model="b", data="d")
+    assert (loaded.model, loaded.batch_size, loaded.mixed_precision) == ("b", 2, "fp16")
     trl_on_cli = TrainConfig.load(None, ["per_device_train_batch_size=3", "loss_type=robust"])
     assert (trl_on_cli.batch_size, trl_on_cli.method) == (3, "rdpo")
 

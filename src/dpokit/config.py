@@ -27,14 +27,14 @@ import yaml
 from dpokit.errors import EXIT_CONFIG, UserError
 from dpokit.losses import MethodSpec, get_method, resolve_hyperparameters
 from dpokit.losses.hyperparameters import check_value, normalise_choice
-from dpokit.trl_names import (
-    METHOD_ALIASES,
+from dpokit.trl_names import METHOD_ALIASES
+from dpokit.trl_translate import (
     ignored_method_name,
+    merge_settings,
     method_alias,
     translate,
     unknown_keys_message,
 )
-from dpokit.trl_names import target as trl_target
 
 logger = logging.getLogger(__name__)
 
@@ -342,14 +342,14 @@ class TrainConfig:
             loaded = _read_yaml(Path(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
-            _merge(merged, loaded)
-        _merge(merged, {k: v for k, v in values.items() if v is not None})
+            merge_settings(merged, loaded)
+        merge_settings(merged, {k: v for k, v in values.items() if v is not None})
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             try:
-                _merge(merged, {key.strip(): yaml.safe_load(raw) if raw.strip() else None})
+                merge_settings(merged, {key.strip(): yaml.safe_load(raw) if raw.strip() else None})
             except yaml.YAMLError as err:
                 raise ConfigError(
                     f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
@@ -389,16 +389,6 @@ def _yaml_problem(err: Exception) -> str:
     problem = getattr(err, "problem", None)
     context = getattr(err, "context", None)
     return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
-
-
-def _merge(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
-    """``merged`` updated with ``new``; a key replaces the earlier spelling of the same setting
-    (``model=`` on the command line replaces the YAML's ``model_name_or_path``)."""
-    for key, value in new.items():
-        name = str(key).replace("-", "_")
-        for old in [k for k in merged if k != name and trl_target(k) == trl_target(name)]:
-            del merged[old]
-        merged[name] = value
 
 
 def _method_spec(method_name: Any) -> MethodSpec:

@@ -14,7 +14,8 @@ from typing import Any
 from dpokit.config import GROUPS, TrainConfig
 from dpokit.losses import get_method
 from dpokit.losses.hyperparameters import describe_value
-from dpokit.trl_names import METHOD_ALIASES, method_alias
+from dpokit.trl_names import METHOD_ALIASES
+from dpokit.trl_translate import method_alias
 
 _NAME_WIDTH = 28
 _TYPE_WIDTH = 18
