@@ -164,10 +164,7 @@ class Trainer:
                 )
             elif config.eval_fraction > 0:
                 train, evaluation = train_eval_split(train, config.eval_fraction, config.seed)
-        if self.is_main:
-            logger.info("training data: %s", train.summary.format())
-            if evaluation is not None and config.eval_data:
-                logger.info("eval data: %s", evaluation.summary.format())
+        # The data layer logged each split's summary as it prepared it: not again here.
         self.train_data, self.eval_data = train, evaluation
         pad_token_id = self.tokenizer.pad_token_id
         if self.packing == "none":

@@ -302,9 +302,7 @@ def _cache_exists(cache_file: str, num_proc: int | None) -> bool:
 
 
 def _report(summary: DataSummary) -> None:
-    # Debug level: the run prints the summary of what it trains on once (the engine, after any
-    # conversion such as KTO's pairs -> examples).
-    logger.debug("%s", summary.format())
+    logger.info("%s", summary.format())
     if summary.identical_pairs:
         logger.warning(
             "%s: %d row(s) with chosen identical to rejected (%d of them only after truncation "
