@@ -16,9 +16,11 @@ import re
 import sys
 import traceback
 
-from dpokit.config import ConfigError, TrainConfig, config_help
+from dpokit.config import ConfigError, TrainConfig
 from dpokit.errors import exit_code, one_line
+from dpokit.keyhelp import train_help
 from dpokit.paths import check_model_path, check_run_paths, check_writable_dir, read_text_file
+from dpokit.trl_names import TRL_NAMES
 
 # A ``key=value`` setting: an identifier, then "=" (flags start with "-").
 SETTING = re.compile(r"^[A-Za-z_][\w.-]*=")
@@ -37,7 +39,7 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub, help_method: str | None = None) -> None:
     parser = sub.add_parser(
         "train",
         parents=[_common()],
@@ -45,7 +47,7 @@ def _train_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train MODEL on DATA with METHOD. Any config key, and any hyperparameter of "
         "the method (see `dpokit methods`), can be set as key=value after the flags.",
-        epilog="config keys (key=default):\n" + config_help(),
+        epilog=train_help(help_method),
     )
     parser.add_argument("--method", help="method name (dpo, simpo, ...; see `dpokit methods`)")
     parser.add_argument("--model", help="path or hub id of the starting policy")
@@ -111,7 +113,7 @@ def _sft_parser(sub) -> None:
         description="Fine-tune MODEL on SFT DATA (rows prompt+completion, strings or message "
         "lists, or messages whose last assistant turn is the completion). Takes the config keys "
         "of `dpokit train` as key=value; method hyperparameters do not apply.",
-        epilog="config keys (key=default):\n" + config_help(),
+        epilog=train_help(hyperparameters=False),
     )
     parser.add_argument("--model", help="path or hub id of the starting model")
     parser.add_argument("--data", help="SFT data: JSONL/JSON/Parquet/CSV, dataset dir or name")
@@ -248,12 +250,10 @@ def _run_demo(args) -> int:
     config = demo_config(args.overrides, method=args.method, seed=args.seed, work_dir=args.work_dir)
     check_writable_dir(args.work_dir, "--work-dir")
     summary = run_demo(config)
-    print(summary["table"])
+    print(summary["table"])  # the numbers, once (win_rate: vs the SFT model's samples)
     print(
-        f"{config.method}: judge reward {summary['before']['judge_reward']:.3f} -> "
-        f"{summary['after']['judge_reward']:.3f}, win rate vs SFT "
-        f"{summary['after']['win_rate']:.1%} on held-out prompts "
-        f"({summary['total_seconds']:.0f} s)"
+        f"{config.method}: evaluated on held-out prompts, before (SFT) and after; "
+        f"{summary['total_seconds']:.0f} s"
     )
     print(f"plot: {summary['plot']}")
     return 0
@@ -304,8 +304,9 @@ def _run_arena(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``dpokit`` argument parser with every subcommand."""
+def build_parser(help_method: str | None = None) -> argparse.ArgumentParser:
+    """The ``dpokit`` argument parser with every subcommand; ``help_method``: the method whose
+    hyperparameters ``dpokit train --help`` lists (default: the default method)."""
     parser = argparse.ArgumentParser(
         prog="dpokit",
         description="Preference optimization: the DPO family, in one place.",
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=False, help="print tracebacks of errors"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    _train_parser(sub, help_method)
     _sft_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
@@ -344,8 +345,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``dpokit`` command; returns the exit code (see the module docstring)."""
-    parser = build_parser()
-    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_help_method(argv))
+    args = parse_args(parser, argv)
     debug = args.debug or os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -378,9 +380,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     return args
 
 
+def _help_method(argv: list[str]) -> str | None:
+    """The method named by ``--method X`` (or ``method=X``) when help is asked for: argparse
+    prints help as soon as it meets ``-h``, before it has read ``--method``."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    for index, item in enumerate(argv):
+        if item == "--method" and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith(("--method=", "method=")):
+            return item.partition("=")[2]
+    return None
+
+
 def _flag_hint(unknown: list[str]) -> str:
     """A config key given as a flag (``--max_steps 3``): say how keys are set."""
-    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    keys = {f.name for f in dataclasses.fields(TrainConfig)} | TRL_NAMES
     for item in unknown:
         key = item.lstrip("-").partition("=")[0].replace("-", "_")
         if item.startswith("--") and key in keys:

@@ -16,7 +16,7 @@ spellings (``1e-6``, ``yes``/``off``, ``4.0`` for an int) and both refuse NaN an
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,16 @@ import yaml
 from dpokit.errors import EXIT_CONFIG, UserError
 from dpokit.losses import MethodSpec, get_method, resolve_hyperparameters
 from dpokit.losses.hyperparameters import check_value, normalise_choice
+from dpokit.trl_names import METHOD_ALIASES
+from dpokit.trl_translate import (
+    ignored_method_name,
+    merge_settings,
+    method_alias,
+    translate,
+    unknown_keys_message,
+)
+
+logger = logging.getLogger(__name__)
 
 _NONE = ("none", "null", "~", "")
 GROUPS = ("run", "data", "optimisation", "reference", "memory", "logging")
@@ -110,6 +120,17 @@ class TrainConfig:
         None, "data", "held-out file; otherwise eval_fraction of `data`", kind=str
     )
     eval_fraction: float = _key(0.0, "data", "share of `data` held out for eval", **_FRACTION)
+    # TRL's dataset_test_split and per_device_eval_batch_size (dpokit.trl_names)
+    eval_data_split: str | None = _key(
+        None, "data", "split of eval_data to read (a multi-split dataset)", kind=str
+    )
+    eval_batch_size: int | None = _key(
+        None,
+        "optimisation",
+        "examples per process per eval batch (None: batch_size)",
+        kind=int,
+        low=1,
+    )
     max_length: int | None = _key(
         1024, "data", "prompt + completion tokens; none: no bound", low=2, optional=True
     )
@@ -142,7 +163,9 @@ class TrainConfig:
     reference_mode: str = _key(
         "auto",
         "reference",
-        "auto | model | adapter (LoRA off) | precomputed | none",
+        "the reference: auto (none for reference-free methods, a model for TDPO, else "
+        "precomputed), model (frozen copy), adapter (LoRA off), precomputed (log-probs cached on "
+        "disk) or none",
         choices=("auto", "model", "adapter", "precomputed", "none"),
     )
     reference_cache_dir: str | None = _key(
@@ -173,6 +196,19 @@ class TrainConfig:
         "run",
         "weights dtype; auto = float32 (mixed precision does the rest)",
         choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    # Model loading, passed to every from_pretrained (policy, reference, tokenizer; TRL names)
+    attn_implementation: str | None = _key(
+        None,
+        "run",
+        "attention kernel (eager, sdpa, flash_attention_2; None: the model's)",
+        kind=str,
+    )
+    model_init_kwargs: dict[str, Any] = _key(
+        {}, "run", "more from_pretrained arguments for the policy and reference (e.g. revision)"
+    )
+    trust_remote_code: bool = _key(
+        False, "run", "run the model's own Python code from the hub (explicit opt-in)"
     )
     mixed_precision: str = _key(
         "auto",
@@ -294,21 +330,39 @@ class TrainConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; method hyperparameters may sit at the top level."""
-        values = dict(values)
+        """Build from a mapping; method hyperparameters may sit at the top level, and TRL's
+        names (:mod:`dpokit.trl_names`) stand for dpokit's keys.
+
+        Raises :class:`ConfigError` listing EVERY unknown key (each with its closest names,
+        TRL's included) and every TRL name without a dpokit meaning, at once.
+        """
+        values, problems = translate(values)
         method_args = dict(values.pop("method_args", None) or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        method_name = values.get("method", cls.method)
-        method_keys = _method_keys(method_name)
+        known = {f.name for f in dataclasses.fields(cls)}
+        spec = _method_spec(values.get("method", cls.method))
+        method_keys = set(spec.hyperparameters)
         kwargs: dict[str, Any] = {}
+        unknown: list[str] = []
         for key, value in values.items():
-            key = key.replace("-", "_")
+            alias = method_alias(key, spec.name, method_keys)
             if key in known:
                 kwargs[key] = value  # converted and checked by validate()
             elif key in method_keys:
                 method_args[key] = value
+            elif alias is not None:
+                if alias in values and values[alias] != value:
+                    problems.append(
+                        f"{key}={value!r} is {alias} for {spec.name}, but {alias}="
+                        f"{values[alias]!r} is given"
+                    )
+                method_args[alias] = value
+            elif key in METHOD_ALIASES:
+                if value not in (None, 0, 0.0):
+                    logger.warning(ignored_method_name(key, value, spec.name))
             else:
-                raise ConfigError(_unknown_key_message(key, list(known) + sorted(method_keys)))
+                unknown.append(key)
+        if problems or unknown:
+            raise ConfigError(unknown_keys_message(unknown, problems, known | method_keys))
         kwargs["method_args"] = method_args
         return cls(**kwargs)
 
@@ -316,20 +370,21 @@ class TrainConfig:
     def load(
         cls, path: str | Path | None = None, overrides: list[str] | None = None, **values: Any
     ) -> TrainConfig:
-        """YAML file, then keyword values, then ``key=value`` strings (later ones win)."""
+        """YAML file, then keyword values, then ``key=value`` strings (later ones win, whether a
+        key is spelt dpokit's way or TRL's)."""
         merged: dict[str, Any] = {}
         if path is not None:
             loaded = _read_yaml(Path(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
-            merged.update(loaded)
-        merged.update({k: v for k, v in values.items() if v is not None})
+            merge_settings(merged, loaded)
+        merge_settings(merged, {k: v for k, v in values.items() if v is not None})
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             try:
-                merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+                merge_settings(merged, {key.strip(): yaml.safe_load(raw) if raw.strip() else None})
             except yaml.YAMLError as err:
                 raise ConfigError(
                     f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
@@ -371,17 +426,11 @@ def _yaml_problem(err: Exception) -> str:
     return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
 
 
-def _method_keys(method_name: str) -> set[str]:
+def _method_spec(method_name: Any) -> MethodSpec:
     try:
-        return set(get_method(str(method_name)).hyperparameters)
+        return get_method(str(method_name))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-
-
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}"
 
 
 def validate(config: TrainConfig) -> None:
@@ -450,6 +499,12 @@ def _check_combinations(config: TrainConfig, spec: MethodSpec) -> None:
         )
     if config.chat_template and not Path(config.chat_template).is_file():
         raise ConfigError(f"chat_template={config.chat_template!r}: no such file")
+    dedicated = {"dtype", "torch_dtype", "attn_implementation", "trust_remote_code"}
+    if dedicated & set(config.model_init_kwargs):
+        raise ConfigError(
+            f"model_init_kwargs: {sorted(dedicated & set(config.model_init_kwargs))} have their "
+            "own config keys (dtype, attn_implementation, trust_remote_code): set those"
+        )
     if config.reference_mode == "adapter" and not config.lora:
         raise ConfigError("reference_mode=adapter needs lora=true (the reference is LoRA off)")
     if config.reference_mode == "none" and spec.reference != "none":
@@ -459,14 +514,3 @@ def _check_combinations(config: TrainConfig, spec: MethodSpec) -> None:
             f"method {spec.name} needs the reference's full token distributions each step "
             "(token-level KL); cached sequence log-probs are not enough: use reference_mode=auto"
         )
-
-
-def config_help() -> str:
-    """One line per config key with its default, for ``dpokit train --help``."""
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else "{}"
-        choices = f.metadata["choices"]
-        extra = f" (one of {', '.join(choices)})" if choices else ""
-        lines.append(f"  {f.name}={default}{extra}")
-    return "\n".join(lines)

@@ -143,7 +143,9 @@ class Trainer:
         # A used output_dir is refused here; nothing is written in it before run_dir.start().
         self.run_dir = RunDirectory(config, self.accelerator)
 
-        self.tokenizer = load_tokenizer(config.model, config.chat_template)
+        self.tokenizer = load_tokenizer(
+            config.model, config.chat_template, config.trust_remote_code
+        )
         self._prepare_data()
         splits = [d for d in (self.train_data, self.eval_data) if d is not None]
         longest = max(longest_sequence(d.dataset) for d in splits)
@@ -172,17 +174,20 @@ class Trainer:
             train = self.procedure.prepare(config.data, self.tokenizer, settings, config.data_split)
             evaluation = None
             if config.eval_data:
-                evaluation = self.procedure.prepare(config.eval_data, self.tokenizer, settings)
+                evaluation = self.procedure.prepare(
+                    config.eval_data, self.tokenizer, settings, config.eval_data_split
+                )
             elif config.eval_fraction > 0:
                 train, evaluation = train_eval_split(train, config.eval_fraction, config.seed)
-        if self.is_main:
-            logger.info("training data: %s", train.summary.format())
+        # The data layer logged each split's summary as it prepared it: not again here.
         self.train_data, self.eval_data = train, evaluation
         pad_token_id = self.tokenizer.pad_token_id
         if self.packing == "none":
             self.collate = self.procedure.collator(pad_token_id)
         else:
-            model_config = AutoConfig.from_pretrained(self.config.model)
+            model_config = AutoConfig.from_pretrained(
+                self.config.model, trust_remote_code=self.config.trust_remote_code
+            )
             self.collate = self.procedure.packed_collator(
                 pad_token_id,
                 self.packing,
@@ -190,14 +195,14 @@ class Trainer:
                 attention_cost=attention_cost(model_config),
             )
 
-    def _loader(self, prepared, shuffle: bool) -> DataLoader:
+    def _loader(self, prepared, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         sampler = None
         if shuffle and self.config.group_by_length:
             lengths = row_lengths(prepared.dataset)
             sampler = LengthGroupedSampler(lengths, self.config.batch_size, self.config.seed)
         return DataLoader(
             prepared.dataset,
-            batch_size=self.config.batch_size,
+            batch_size=batch_size or self.config.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             collate_fn=self.collate,
@@ -243,7 +248,8 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         self.eval_loader = None
         if self.eval_data is not None:
-            self.eval_loader = acc.prepare_data_loader(self._loader(self.eval_data, shuffle=False))
+            loader = self._loader(self.eval_data, shuffle=False, batch_size=config.eval_batch_size)
+            self.eval_loader = acc.prepare_data_loader(loader)
 
     def _context(self, split: str) -> StepContext:
         policy_model = self.accelerator.unwrap_model(self.policy).model

@@ -273,8 +273,10 @@ def evaluate_paths(
     per_prompt: int = 1,
     max_new_tokens: int = 24,
     seed: int = 0,
+    progress: bool = True,
 ) -> EvalResult:
-    """:func:`evaluate` on models loaded by path (``dpokit eval``)."""
+    """:func:`evaluate` on models loaded by path (``dpokit eval``); ``progress``: bars while the
+    baseline and the model sample."""
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, torch.float32)
     reference = load_model(reference_path, torch.float32) if reference_path else None
@@ -289,6 +291,7 @@ def evaluate_paths(
             judge=judge,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            progress="sampling (baseline)" if progress else None,
         )
     return evaluate(
         model,
@@ -301,6 +304,7 @@ def evaluate_paths(
         per_prompt=per_prompt,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        progress="sampling" if progress else None,
     )
 
 

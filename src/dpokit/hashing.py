@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 # Digest length (hex characters) of derived data fingerprints and cache keys: 128 bits.
 SHORT = 32
 
@@ -41,14 +43,23 @@ def derive_fingerprint(fingerprint: str, tag: str) -> str:
     return json_digest([fingerprint, tag])
 
 
-def file_sha256(path: str | Path, prefix: str = "", block_size: int = 1 << 20) -> str:
+def file_sha256(
+    path: str | Path, prefix: str = "", block_size: int = 1 << 20, progress: bool = False
+) -> str:
     """SHA-256 (all 64 hex characters) of ``prefix`` followed by the bytes of the file ``path``,
-    read in ``block_size`` blocks (the file is never held in memory whole).
+    read in ``block_size`` blocks (the file is never held in memory whole). ``progress``: show a
+    bar in bytes (hashing a multi-GB checkpoint takes a while).
 
     Raises ``OSError`` when the file cannot be read.
     """
     digest = hashlib.sha256(prefix.encode())
-    with open(path, "rb") as handle:
+    size = Path(path).stat().st_size
+    desc = f"hashing {Path(path).name}"
+    with (
+        open(path, "rb") as handle,
+        tqdm(total=size, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar,
+    ):
         for block in iter(lambda: handle.read(block_size), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()

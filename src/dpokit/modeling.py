@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
 import torch
@@ -18,13 +20,29 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(name_or_path: str, chat_template_file: str | None = None):
+def loading_kwargs(config) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments of a run's models (policy and reference): the config's
+    ``model_init_kwargs``, ``trust_remote_code`` (only when the user set it: an explicit opt-in)
+    and ``attn_implementation`` (when set). ``config``: a :class:`~dpokit.config.TrainConfig`."""
+    kwargs = dict(config.model_init_kwargs)
+    if config.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if config.attn_implementation is not None:
+        kwargs["attn_implementation"] = config.attn_implementation
+    return kwargs
+
+
+def load_tokenizer(
+    name_or_path: str, chat_template_file: str | None = None, trust_remote_code: bool = False
+):
     """``AutoTokenizer`` plus the fixes a preference run needs, each logged.
 
     A tokenizer without a pad token gets EOS as pad: padding is always masked out of the loss and
-    the attention, so the choice cannot change a number.
+    the attention, so the choice cannot change a number. ``trust_remote_code`` is passed on only
+    when true (the user's explicit opt-in).
     """
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(
@@ -166,15 +184,18 @@ def load_model(
     dtype: torch.dtype,
     gradient_checkpointing: bool = False,
     disable_dropout: bool = False,
+    loading: Mapping[str, Any] | None = None,
 ):
     """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards).
 
     ``disable_dropout``: built with its config's drop probabilities at 0 and then passed
     through :func:`switch_off_dropout` (see there), so it trains without dropout.
+    ``loading``: more ``from_pretrained`` arguments (:func:`loading_kwargs` of the run's config).
     """
-    kwargs = {}
+    kwargs = dict(loading or {})
     if disable_dropout:
-        config = AutoConfig.from_pretrained(name_or_path)
+        trust = bool(kwargs.get("trust_remote_code", False))
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
         changed = zero_config_dropout(config)
         if changed:
             logger.info("disable_dropout: %s set to 0 for %s", ", ".join(changed), name_or_path)
@@ -215,7 +236,11 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
     ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
     """
     model = load_model(
-        config.model, dtype, config.gradient_checkpointing, disable_dropout=config.disable_dropout
+        config.model,
+        dtype,
+        config.gradient_checkpointing,
+        disable_dropout=config.disable_dropout,
+        loading=loading_kwargs(config),
     )
     if config.lora:  # after disable_dropout: the adapter's lora_dropout is the user's setting
         model = apply_lora(

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
 
 from dpokit.cache import discard, read_verified, write_verified
 from dpokit.distributed import (
@@ -38,7 +39,7 @@ from dpokit.distributed import (
 from dpokit.errors import NonFiniteError
 from dpokit.hashing import file_sha256, json_digest, sha256_hex
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
-from dpokit.modeling import load_model
+from dpokit.modeling import load_model, loading_kwargs
 from dpokit.sharding import shard_scorer
 
 logger = logging.getLogger(__name__)
@@ -156,12 +157,13 @@ class PrecomputedReference:
 # ---- the on-disk cache ------------------------------------------------------------------------
 
 
-def model_identity(name_or_path: str) -> str:
+def model_identity(name_or_path: str, progress: bool = False) -> str:
     """A hash of what the reference weights are.
 
     For a local directory: the contents of its weight and config files (streamed; memoised by
     path, size and mtime so a run hashes a 15 GB checkpoint at most once). For a hub id: the id
     and the resolved snapshot (its commit hash is part of the cached path) when available.
+    ``progress``: a bar per weight file while it is hashed.
     """
     path = Path(name_or_path)
     if not path.is_dir():
@@ -170,18 +172,18 @@ def model_identity(name_or_path: str) -> str:
     for file in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             continue  # tokenizer files are part of the tokenization key, not the weights
-        parts += [file.name, _file_digest(file)]
+        parts += [file.name, _file_digest(file, progress)]
     return sha256_hex(*parts)
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _file_digest(file: Path) -> str:
+def _file_digest(file: Path, progress: bool = False) -> str:
     stat = file.stat()
     memo_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _FILE_DIGESTS:
-        _FILE_DIGESTS[memo_key] = file_sha256(file, block_size=1 << 24)
+        _FILE_DIGESTS[memo_key] = file_sha256(file, block_size=1 << 24, progress=progress)
     return _FILE_DIGESTS[memo_key]
 
 
@@ -364,7 +366,12 @@ class ReferenceBuilder:
     def frozen(self) -> FrozenReference:
         """A frozen copy of ``config.reference`` (else the starting model) on the device."""
         name = self.config.reference or self.config.model
-        model = load_model(name, self.dtype, disable_dropout=self.config.disable_dropout)
+        model = load_model(
+            name,
+            self.dtype,
+            disable_dropout=self.config.disable_dropout,
+            loading=loading_kwargs(self.config),
+        )
         scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
         if self.sharding == "fsdp2":  # dpokit's FSDP2 shards the reference too (forward only)
             model.requires_grad_(False)
@@ -389,11 +396,16 @@ class ReferenceBuilder:
         refuse_other_reference(self.sharding, self.config.reference)
         return self.frozen()
 
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars on the main process only, unless ``progress=false``."""
+        return bool(self.config.progress and self.accelerator.is_main_process)
+
     def cache_key(self, prepared) -> CacheKey:
         """The table's cache key: reference weights, the split's data, dtype and precision."""
         config = self.config
         return CacheKey(
-            reference_identity=model_identity(config.reference or config.model),
+            reference_identity=model_identity(config.reference or config.model, self.show_progress),
             data_fingerprint=prepared.fingerprint,
             settings=json.dumps(
                 {
@@ -417,9 +429,14 @@ class ReferenceBuilder:
         logger.info("reference log-probs: computing for %d rows (cache %s)", num_rows, key.digest)
         reference = self.for_precompute()
         loader = acc.prepare_data_loader(self.loader(prepared))
+        batches = tqdm(loader, desc="reference log-probs", disable=not self.show_progress)
         with acc.autocast():
             table = compute_reference_logps(
-                reference, loader, num_rows, gather=acc.gather_for_metrics, reduction=self.reduction
+                reference,
+                batches,
+                num_rows,
+                gather=acc.gather_for_metrics,
+                reduction=self.reduction,
             )
         logger.info(
             "reference log-probs: process %d scored %d of %d rows",

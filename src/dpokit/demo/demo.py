@@ -343,10 +343,12 @@ def plot_before_after(
     bins = [i / 10 for i in range(-10, 11)]
     left.hist(before.samples.rewards, bins=bins, alpha=0.6, label="SFT (before)")
     left.hist(after.samples.rewards, bins=bins, alpha=0.6, label=f"{label} (after)")
-    left.set_xlabel("judge reward of held-out samples")
+    left.set_xlabel("judge reward of held-out samples (-1 to 1)")
+    left.set_ylabel("samples (count)")
     left.set_title(
-        f"mean {before.metrics['judge_reward']:.2f} -> {after.metrics['judge_reward']:.2f}, "
-        f"win rate {after.metrics['win_rate']:.0%}"
+        # the table's format: 3 decimals, win_rate as a share
+        f"judge_reward {before.metrics['judge_reward']:.3f} -> "
+        f"{after.metrics['judge_reward']:.3f}, win_rate {after.metrics['win_rate']:.3f}"
     )
     left.legend()
     if metrics_file.exists():
@@ -356,6 +358,7 @@ def plot_before_after(
         if points:
             right.plot(*zip(*points, strict=True))
     right.set_xlabel("optimizer step")
+    right.set_ylabel("loss (per example, mean over batch)")
     right.set_title(f"{label} training loss")
     right.grid(alpha=0.3)
     fig.tight_layout()

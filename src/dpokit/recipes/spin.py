@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dpokit import jsonl
@@ -55,7 +56,7 @@ from dpokit.data.rows import dataset_column_kinds
 from dpokit.data.sft import SFTExample, prepare_sft
 from dpokit.generation import generate_completions
 from dpokit.losses import get_method
-from dpokit.modeling import load_tokenizer, resolve_dtype
+from dpokit.modeling import load_tokenizer, loading_kwargs, resolve_dtype
 from dpokit.recipes.stages import check_stage_config, run_stages
 
 logger = logging.getLogger("dpokit")
@@ -94,7 +95,7 @@ def run_spin(config: TrainConfig):
         )
     hyperparameters = config.method_args
     state = PartialState()
-    tokenizer = load_tokenizer(config.model, config.chat_template)
+    tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
     prompts = read_sft(config, tokenizer)
     names = [f"iter-{t}" for t in range(hyperparameters["iterations"])]
 
@@ -148,7 +149,9 @@ def generate_answers(
     hyperparameters = config.method_args
     state = PartialState()
     device = state.device
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(config.dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=resolve_dtype(config.dtype), **loading_kwargs(config)
+    )
     model.to(device)
     greedy = hyperparameters["temperature"] == 0
     bf16 = (
@@ -161,7 +164,9 @@ def generate_answers(
     starts = range(0, len(prompts.prompt_input_ids), size)
     mine = []  # (start, completions) of this process's batches
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in starts[state.process_index :: state.num_processes]:
+        mine_starts = starts[state.process_index :: state.num_processes]
+        show = config.progress and state.is_main_process
+        for start in tqdm(mine_starts, desc="SPIN generation (batches)", disable=not show):
             batch = generate_completions(
                 model,
                 tokenizer,

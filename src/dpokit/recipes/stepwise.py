@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from dpokit import jsonl
 from dpokit.cache import read_verified, write_verified
@@ -52,7 +53,7 @@ from dpokit.data import DataConfig, DataError, PairCollator, prepare_pairs
 from dpokit.data.loading import load_source
 from dpokit.logprobs import CompletionScorer
 from dpokit.losses import get_method
-from dpokit.modeling import load_model, load_tokenizer, resolve_dtype
+from dpokit.modeling import load_model, load_tokenizer, loading_kwargs, resolve_dtype
 from dpokit.recipes.stages import check_stage_config, run_stages
 from dpokit.reference import FrozenReference, compute_reference_logps
 
@@ -134,7 +135,7 @@ def plan_chunks(config: TrainConfig, source=None) -> ChunkPlan:
     hyperparameters = config.method_args
     settings = _data_settings(config)
     source = source or load_source(config.data, settings, config.data_split)
-    tokenizer = load_tokenizer(config.model, config.chat_template)
+    tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
     # Identical pairs are kept here so that prepared row i is source row i; each chunk's own
     # preparation applies identical_pairs as configured.
     keep_all = dataclasses.replace(settings, identical_pairs="keep")
@@ -205,7 +206,7 @@ def split_by_column(source, column: str = CHUNK_COLUMN) -> tuple[list[int], list
 def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
     """(N,) ref(y_w) - ref(y_l) of every prepared row under the starting model, in fp32."""
     device = PartialState().device
-    model = load_model(config.model, resolve_dtype(config.dtype))
+    model = load_model(config.model, resolve_dtype(config.dtype), loading=loading_kwargs(config))
     reference = FrozenReference(CompletionScorer(model, chunk_size=config.logps_chunk_size))
     reference.scorer.to(device)
     loader = DataLoader(
@@ -214,7 +215,9 @@ def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
         shuffle=False,
         collate_fn=PairCollator(tokenizer.pad_token_id),
     )
-    batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+    show = config.progress and PartialState().is_main_process
+    ranking = tqdm(loader, desc="stepwise ranking (reference margins)", disable=not show)
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in ranking)
     table = compute_reference_logps(reference, batches, len(prepared))
     return (table.logps[:, 0] - table.logps[:, 1]).double().numpy()  # (N,)
 

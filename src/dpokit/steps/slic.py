@@ -35,7 +35,7 @@ from dpokit.data import PairCollator, prepare_pairs
 from dpokit.data.packing import pair_collator
 from dpokit.generation import generate_completions
 from dpokit.hashing import derive_fingerprint, json_digest
-from dpokit.modeling import is_peft_model, load_model
+from dpokit.modeling import is_peft_model, load_model, loading_kwargs
 from dpokit.reference import model_identity
 from dpokit.steps.base import Procedure
 from dpokit.steps.pairwise import pairwise_batch_loss
@@ -166,7 +166,11 @@ def draw_samples(trainer, data) -> list[list[int]]:
     config, hp = trainer.config, trainer.hyperparameters
     device = trainer.accelerator.device
     if config.reference is not None:
-        model, switch = load_model(config.reference, trainer.dtype).to(device), None
+        loading = loading_kwargs(config)
+        model, switch = (
+            load_model(config.reference, trainer.dtype, loading=loading).to(device),
+            None,
+        )
     else:
         model = trainer.policy.model.to(device)  # the starting policy, before any step
         switch = model.disable_adapter() if is_peft_model(model) else None  # LoRA: the base

@@ -1,0 +1,402 @@
+"""TRL's configuration names, read as dpokit's: one table, one translation.
+
+A TRL user's YAML (``DPOConfig``/``KTOConfig``/``CPOConfig`` + ``ModelConfig`` +
+``ScriptArguments``, trl 1.16) or ``key=value`` list is translated here into dpokit's
+:class:`~dpokit.config.TrainConfig` keys before validation. Every TRL name is mapped ONCE, in
+:data:`ALIASES` (one :class:`Alias` row per name, also the source of ``docs/trl.md``'s table) and,
+for ``loss_type``, in :data:`LOSS_TYPES`. Names whose meaning depends on the method (``beta`` for
+IPO and SPIN, ``label_smoothing``, ``discopop_tau`` ...) are in :data:`METHOD_ALIASES` and applied
+once the method is known; :mod:`dpokit.trl_translate` applies the tables.
+
+A TRL name with no dpokit meaning is refused by name, with the reason (:data:`REFUSED`); one whose
+value is what dpokit does anyway (``eval_strategy: steps``, ``push_to_hub: false`` ...) is
+accepted and reported as ignored (:data:`SAME_BEHAVIOUR`). This module imports nothing from the
+layers above ``losses``: it maps names to names and values to values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """One TRL name: the dpokit key it sets (``target``) and how its value carries over.
+
+    ``convert(value, given)``, where present, returns the dpokit settings it stands for (a dict:
+    several keys for ``bf16``, none for a value that is dpokit's default) or raises ``ValueError``
+    with the reason; ``given`` is the whole mapping (for names read together, like
+    ``dataset_test_split`` with ``eval_strategy``). Without it the value passes unchanged.
+    """
+
+    trl: str
+    target: str
+    note: str = ""
+    convert: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+
+
+def _same(target: str) -> Callable[[Any, Mapping[str, Any]], dict[str, Any]]:
+    return lambda value, given: {target: value}
+
+
+def _true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def _steps(target: str) -> Callable[[Any, Mapping[str, Any]], dict[str, Any]]:
+    """``logging_steps``/``save_steps``/``eval_steps``: TRL also takes a float in (0, 1) (a share
+    of the training steps), which dpokit does not."""
+
+    def convert(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(value, float) and 0 < value < 1:
+            raise ValueError(
+                f"a share of the training steps ({value}) is not supported: give steps"
+            )
+        return {target: value}
+
+    return convert
+
+
+def _max_steps(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    return {"max_steps": None if value in (-1, "-1") else value}  # TRL's -1: not set
+
+
+def _report_to(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    names = sorted({str(n).strip().lower() for n in names} - {"none"})
+    if not names:
+        return {"report_to": "none"}
+    if names == ["tensorboard", "wandb"] or names == ["all"]:
+        return {"report_to": "all"}
+    if len(names) == 1 and names[0] in ("tensorboard", "wandb"):
+        return {"report_to": names[0]}
+    raise ValueError(f"{names} is not supported: dpokit reports to tensorboard and/or wandb")
+
+
+def _scheduler(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    name = str(value).strip().lower()
+    if name in ("linear", "cosine", "constant_with_warmup"):
+        return {"lr_scheduler": "constant" if name == "constant_with_warmup" else name}
+    if name == "constant":  # transformers' "constant" has no warmup at all
+        return {"lr_scheduler": "constant", "warmup_steps": 0}
+    raise ValueError(f"{value!r} has no dpokit schedule (linear, cosine, constant_with_warmup)")
+
+
+def _precompute(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    # false is TRL's default (a reference model in memory); dpokit's `auto` gives the same numbers
+    return {"reference_mode": "precomputed"} if _true(value) else {}
+
+
+def _precision(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    bf16, fp16 = _true(given.get("bf16", False)), _true(given.get("fp16", False))
+    if bf16 and fp16:
+        raise ValueError("bf16 and fp16 are both true: choose one")
+    return {"mixed_precision": "bf16" if bf16 else "fp16" if fp16 else "no"}
+
+
+def _lora_targets(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    if value is None:
+        return {}  # TRL's None: peft's per-architecture default; dpokit's default is all-linear
+    if isinstance(value, str):
+        return {"lora_target_modules": value}
+    return {"lora_target_modules": ",".join(str(v) for v in value)}
+
+
+def _resume(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    if value is None or value is False or str(value).strip().lower() in ("false", "none", ""):
+        return {}
+    if _true(value):
+        return {"resume": True}
+    raise ValueError(
+        f"a checkpoint path ({value!r}) is not supported: dpokit resumes from the newest complete "
+        "checkpoint in output_dir (resume=true)"
+    )
+
+
+def _completion_length(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    # dpokit bounds prompt + completion (max_length), not the completion alone.
+    if value is None or "max_length" in given:
+        if value is not None:
+            logger.warning(
+                "max_completion_length=%s ignored: dpokit bounds prompt + completion by "
+                "max_length (given)",
+                value,
+            )
+        return {}
+    prompt = given.get("max_prompt_length", 512)
+    return {"max_length": int(prompt) + int(value)}
+
+
+def _test_split(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    # TRL's scripts read the test split only when eval_strategy is not "no" (its default).
+    strategy = str(given.get("eval_strategy", "no")).strip().lower()
+    data = given.get("dataset_name", given.get("data"))
+    if strategy == "no" or value is None or not data:
+        return {}
+    return {"eval_data": data, "eval_data_split": value}
+
+
+def _eval_strategy(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    if str(value).strip().lower() not in ("no", "steps"):
+        raise ValueError(
+            f"{value!r} is not supported: dpokit evaluates every eval_steps (eval_strategy: steps)"
+        )
+    return {}
+
+
+def _optim(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    name = str(value).strip().lower()
+    if name in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
+        return {"optimizer": "adamw"}
+    if name == "rmsprop":
+        return {"optimizer": "rmsprop"}
+    raise ValueError(f"{value!r} is not supported: dpokit has adamw and rmsprop")
+
+
+def _padding_free(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    return {"packing": "padding_free"} if _true(value) else {}
+
+
+def _lift_model_kwargs(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_init_kwargs``: ``torch_dtype``/``dtype`` and ``attn_implementation`` inside it
+    become dpokit's keys; ``trust_remote_code`` inside it is refused (explicit top-level opt-in)."""
+    kwargs = dict(value or {})
+    if "trust_remote_code" in kwargs:
+        raise ValueError("set trust_remote_code at the top level: it is an explicit opt-in")
+    out: dict[str, Any] = {}
+    for name in ("torch_dtype", "dtype"):
+        if name in kwargs:
+            out["dtype"] = kwargs.pop(name)
+    if "attn_implementation" in kwargs:
+        out["attn_implementation"] = kwargs.pop("attn_implementation")
+    out["model_init_kwargs"] = kwargs
+    return out
+
+
+def _loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``loss_type`` (a name or a list; TRL 1.16 DPO/KTO/CPO) -> ``method`` (see LOSS_TYPES)."""
+    names = [value] if isinstance(value, str) else list(value)
+    methods = []
+    for name in names:
+        key = str(name).strip().lower()
+        if key not in LOSS_TYPES:
+            raise ValueError(f"{name!r} is not a TRL 1.16 loss_type ({', '.join(LOSS_TYPES)})")
+        method, note = LOSS_TYPES[key]
+        if method is None:
+            raise ValueError(f"{name!r} has no dpokit equivalent: {note}")
+        methods.append(method)
+    out: dict[str, Any] = {"method": methods[0]}
+    # "sft" is a component of `combined`, not a method of its own.
+    if len(methods) > 1 or "loss_weights" in given or methods == ["sft"]:
+        weights = given.get("loss_weights") or [1.0] * len(methods)
+        if len(weights) != len(methods):
+            raise ValueError(f"{len(weights)} loss_weights for {len(methods)} loss types")
+        out = {
+            "method": "combined",
+            "losses": ",".join(methods),
+            "loss_weights": ",".join(str(float(w)) for w in weights),
+        }
+    if methods == ["bco_pair"]:
+        out["baseline"] = "zero"  # TRL 1.x's bco_pair has no running-mean baseline
+    return out
+
+
+# TRL 1.16 loss_type -> (dpokit method, note). DPOConfig's 15 types, KTOConfig's and CPOConfig's.
+LOSS_TYPES: dict[str, tuple[str | None, str]] = {
+    "sigmoid": ("dpo", "DPO; TRL 1.16 ignores label_smoothing here (cDPO is method cdpo)"),
+    "hinge": ("hinge", "RSO's hinge on the reference-normalised margin (not SLiC-HF: slic)"),
+    "ipo": ("ipo", "beta is IPO's tau"),
+    "exo_pair": ("exo_pair", "label_smoothing is EXO's epsilon (smoothing)"),
+    "nca_pair": ("nca_pair", ""),
+    "robust": ("rdpo", "label_smoothing is rDPO's flip rate (eps)"),
+    "bco_pair": ("bco_pair", "TRL 1.x: no running-mean baseline, so baseline=zero"),
+    "sppo_hard": ("sppo_hard", ""),
+    "aot": ("aot", "label_smoothing is AOT's smoothing"),
+    "aot_unpaired": ("aot_unpaired", "label_smoothing is AOT's smoothing"),
+    "apo_zero": ("apo_zero", ""),
+    "apo_down": ("apo_down", ""),
+    "discopop": ("discopop", "discopop_tau is DiscoPOP's tau"),
+    "sft": ("sft", "NLL of the chosen answer; alone it is `combined` with losses=sft"),
+    "sigmoid_norm": ("sigmoid_norm", "DPO on per-token averaged log-ratios"),
+    "kto": ("kto", "KTOConfig"),
+    "apo_zero_unpaired": (
+        None,
+        "dpokit has no unpaired APO; it offers kto (unpaired) and apo_zero (pairs)",
+    ),
+    "simpo": ("cpo_simpo", "CPOConfig's simpo: CPO-SimPO (simpo_gamma is gamma)"),
+    "alphapo": (None, "dpokit has no AlphaPO; it offers cpo, cpo_simpo and simpo"),
+}
+
+
+ALIASES: tuple[Alias, ...] = (
+    Alias("model_name_or_path", "model", "", _same("model")),
+    Alias("dataset_name", "data", "a hub name, a file or a saved dataset", _same("data")),
+    Alias("dataset_train_split", "data_split", "", _same("data_split")),
+    Alias(
+        "dataset_test_split",
+        "eval_data + eval_data_split",
+        "read only with eval_strategy: steps, as TRL's scripts do",
+        _test_split,
+    ),
+    Alias(
+        "eval_strategy",
+        "eval_strategy",
+        "no or steps; steps reads dataset_test_split",
+        _eval_strategy,
+    ),
+    Alias("per_device_train_batch_size", "batch_size", "", _same("batch_size")),
+    Alias("per_device_eval_batch_size", "eval_batch_size", "", _same("eval_batch_size")),
+    Alias("num_train_epochs", "num_epochs", "", _same("num_epochs")),
+    Alias("max_steps", "max_steps", "-1 = not set", _max_steps),
+    Alias(
+        "lr_scheduler_type",
+        "lr_scheduler",
+        "linear, cosine; constant_with_warmup = constant; constant = constant, no warmup",
+        _scheduler,
+    ),
+    Alias("optim", "optimizer", "adamw_torch(_fused) = adamw, rmsprop", _optim),
+    Alias("loss_type", "method", "see the loss_type table; a list = method combined", _loss_type),
+    Alias("loss_weights", "loss_weights", "with a list of loss_types (method combined)", None),
+    Alias(
+        "precompute_ref_log_probs",
+        "reference_mode",
+        "true = precomputed; false = auto (a reference model or cached log-probs: same numbers)",
+        _precompute,
+    ),
+    Alias("use_peft", "lora", "", _same("lora")),
+    Alias("lora_r", "lora_r", "", _same("lora_r")),
+    Alias("lora_alpha", "lora_alpha", "", _same("lora_alpha")),
+    Alias("lora_dropout", "lora_dropout", "TRL's default 0.05, dpokit's 0", _same("lora_dropout")),
+    Alias(
+        "lora_target_modules",
+        "lora_target_modules",
+        "a list becomes a comma list; TRL's None (peft's default) = dpokit's all-linear",
+        _lora_targets,
+    ),
+    Alias("bf16", "mixed_precision", "true = bf16", _precision),
+    Alias("fp16", "mixed_precision", "true = fp16", _precision),
+    Alias("torch_dtype", "dtype", "older ModelConfig name of dtype", _same("dtype")),
+    Alias("dtype", "dtype", "", _same("dtype")),
+    Alias("gradient_checkpointing", "gradient_checkpointing", "", _same("gradient_checkpointing")),
+    Alias(
+        "label_smoothing",
+        "(per method)",
+        "robust: eps; exo_pair, aot, aot_unpaired: smoothing; cpo: label_smoothing; "
+        "elsewhere ignored by TRL 1.16 (warned; never cDPO)",
+        None,
+    ),
+    Alias(
+        "max_completion_length",
+        "max_length",
+        "max_length = max_prompt_length + it, unless max_length is given",
+        _completion_length,
+    ),
+    Alias("dataset_num_proc", "num_proc", "", _same("num_proc")),
+    Alias("resume_from_checkpoint", "resume", "true only; a path is refused", _resume),
+    Alias("output_dir", "output_dir", "", _same("output_dir")),
+    Alias("logging_steps", "logging_steps", "whole steps only", _steps("logging_steps")),
+    Alias("save_steps", "save_steps", "whole steps only", _steps("save_steps")),
+    Alias("eval_steps", "eval_steps", "whole steps only", _steps("eval_steps")),
+    Alias("report_to", "report_to", "a list: tensorboard and/or wandb", _report_to),
+    Alias("seed", "seed", "", _same("seed")),
+    Alias("padding_free", "packing", "true = padding_free (exact, any attention)", _padding_free),
+    Alias("attn_implementation", "attn_implementation", "", _same("attn_implementation")),
+    Alias(
+        "model_init_kwargs",
+        "model_init_kwargs",
+        "torch_dtype/dtype and attn_implementation inside it become those keys",
+        _lift_model_kwargs,
+    ),
+    Alias(
+        "trust_remote_code",
+        "trust_remote_code",
+        "explicit opt-in, off by default; reaches model, reference and tokenizer",
+        _same("trust_remote_code"),
+    ),
+)
+ALIAS_BY_NAME: dict[str, Alias] = {alias.trl: alias for alias in ALIASES}
+
+# Method hyperparameters under their TRL (or paper) names: TRL name -> {dpokit method -> key}.
+# "*" means every method that has that key.
+METHOD_ALIASES: dict[str, dict[str, str]] = {
+    "beta": {"ipo": "tau", "spin": "lam"},
+    "label_smoothing": {
+        "rdpo": "eps",
+        "exo_pair": "smoothing",
+        "aot": "smoothing",
+        "aot_unpaired": "smoothing",
+        "cdpo": "smoothing",
+        "cpo": "label_smoothing",
+    },
+    "discopop_tau": {"discopop": "tau"},
+    "rpo_alpha": {"*": "nll_weight"},
+    "cpo_alpha": {"cpo": "alpha", "cpo_simpo": "alpha"},
+    "simpo_gamma": {"cpo_simpo": "gamma"},
+}
+
+# TRL names whose TRL default is what dpokit does: accepted at that value, refused otherwise.
+SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
+    "push_to_hub": ((False,), "dpokit writes save_pretrained output to output_dir/final"),
+    "dataset_streaming": ((False,), "dpokit reads the whole dataset"),
+    "activation_offloading": ((False,), "use gradient_checkpointing=true to save activations"),
+    "disable_dropout": ((False,), "dpokit keeps the model's own dropout (0 in most causal LMs)"),
+    "truncation_mode": (
+        ("keep_start",),
+        "dpokit also keeps the completion's start; it keeps a prompt's end only where the "
+        "prompt alone exceeds max_length (TRL would leave no completion)",
+    ),
+    "lora_task_type": (("CAUSAL_LM",), "dpokit trains causal LMs"),
+    "use_rslora": ((False,), "dpokit's LoRA scale is lora_alpha / lora_r"),
+    "use_dora": ((False,), "dpokit trains plain LoRA adapters"),
+    "load_in_8bit": ((False,), "dpokit loads unquantised weights"),
+    "load_in_4bit": ((False,), "dpokit loads unquantised weights"),
+    "gradient_checkpointing_kwargs": (
+        ({"use_reentrant": False},),
+        "dpokit uses use_reentrant=False",
+    ),
+    "save_strategy": (("steps", "no"), "dpokit saves every save_steps (None: final model only)"),
+    "logging_strategy": (("steps",), "dpokit logs every logging_steps"),
+    "do_train": ((True,), "dpokit train trains"),
+    "do_eval": ((True, False), "dpokit evaluates when there are eval data"),
+}
+# TRL names that change nothing trained (display, hub bookkeeping): accepted, reported ignored.
+COSMETIC = (
+    "log_level",
+    "logging_first_step",
+    "logging_dir",
+    "run_name",
+    "hub_model_id",
+    "overwrite_output_dir",
+    "precompute_ref_batch_size",
+    "pad_to_multiple_of",
+    "dataloader_num_workers",
+    "remove_unused_columns",
+)
+# TRL names with no dpokit meaning, refused with the reason.
+REFUSED: dict[str, str] = {
+    "dataset_config": "save the dataset configuration you want with save_to_disk and pass its path",
+    "model_revision": "pass a local path or pin the revision in model_init_kwargs: {revision: ...}",
+    "lora_modules_to_save": "dpokit trains the LoRA adapter only",
+    "lora_target_parameters": "dpokit targets modules (lora_target_modules)",
+    "bnb_4bit_quant_type": "dpokit loads unquantised weights",
+    "use_bnb_nested_quant": "dpokit loads unquantised weights",
+    "bnb_4bit_quant_storage": "dpokit loads unquantised weights",
+    "router_aux_loss_coef": "dpokit adds no MoE auxiliary loss",
+    "deepspeed": "launch with accelerate and a config from configs/accelerate/",
+    "fsdp": "launch with accelerate and a config from configs/accelerate/",
+    "torch_compile": "dpokit does not compile the model",
+    "use_liger_kernel": "dpokit's chunked LM head already avoids the B x T x V logits",
+    "ref_adapter_name": "reference_mode=adapter is the base model with the adapter switched off",
+    "model_adapter_name": "dpokit trains one adapter",
+    "generate_during_eval": "use dpokit eval --prompts",
+}
+
+
+TRL_NAMES = frozenset(
+    [*ALIAS_BY_NAME, *METHOD_ALIASES, *SAME_BEHAVIOUR, *COSMETIC, *REFUSED, "loss_weights"]
+)

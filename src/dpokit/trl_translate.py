@@ -1,0 +1,139 @@
+"""Applying the TRL name table (:mod:`dpokit.trl_names`): TRL names -> dpokit keys, merging
+settings from several sources, method-dependent names, and the one message for every unknown key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from dpokit.trl_names import (
+    ALIAS_BY_NAME,
+    COSMETIC,
+    METHOD_ALIASES,
+    REFUSED,
+    SAME_BEHAVIOUR,
+    TRL_NAMES,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def target(name: str) -> str:
+    """The dpokit key a TRL name sets (the name itself for a dpokit key), so that a later source
+    (the command line) replaces an earlier one (the YAML) under either spelling."""
+    alias = ALIAS_BY_NAME.get(name)
+    if alias is None or name in ("label_smoothing", "loss_weights", "dataset_test_split"):
+        return name
+    return alias.target.split(" ")[0]
+
+
+def translate(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with TRL names replaced by dpokit keys; returns (translated, problems).
+
+    ``problems`` holds one message per TRL name that has no dpokit meaning or a value dpokit
+    cannot honour, so the caller reports them together with any unknown keys. A TRL name and its
+    dpokit key both given with different values is a problem too. Method-dependent names
+    (:data:`METHOD_ALIASES`) are left for :func:`method_alias`.
+    """
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    source: dict[str, str] = {}  # dpokit key -> the name that set it
+    given = {str(k).replace("-", "_"): v for k, v in values.items()}
+    for key, value in given.items():
+        if key in ALIAS_BY_NAME and key not in METHOD_ALIASES and key != "loss_weights":
+            try:
+                settings = ALIAS_BY_NAME[key].convert(value, given)
+            except (ValueError, TypeError) as err:
+                problems.append(f"TRL's {key}={value!r}: {err}")
+                continue
+        elif key in SAME_BEHAVIOUR:
+            accepted, reason = SAME_BEHAVIOUR[key]
+            if value not in accepted:
+                problems.append(f"TRL's {key}={value!r} has no dpokit equivalent: {reason}")
+            continue
+        elif key in COSMETIC:
+            logger.info("TRL's %s ignored: it changes nothing that is trained", key)
+            continue
+        elif key in REFUSED:
+            problems.append(f"TRL's {key} has no dpokit equivalent: {REFUSED[key]}")
+            continue
+        elif key == "loss_weights" and "loss_type" in given:
+            continue  # read with loss_type
+        else:
+            settings = {key: value}
+        for name, setting in settings.items():
+            if name in out and out[name] != setting:
+                problems.append(
+                    f"{source[name]}={given[source[name]]!r} and {key}={value!r} both set {name}: "
+                    "give one"
+                )
+                continue
+            out[name], source[name] = setting, key
+    if _trl_flavoured(given) and "max_length" in given and "max_prompt_length" not in given:
+        # TRL 1.16's DPO/KTO configs bound the whole sequence only (truncation keep_start);
+        # dpokit's default prompt bound (512) would refuse a TRL max_length <= 512.
+        out.setdefault("max_prompt_length", None)
+    return out, problems
+
+
+def _trl_flavoured(given: Mapping[str, Any]) -> bool:
+    """True when ``given`` uses a name only TRL spells that way (``model_name_or_path`` ...)."""
+    return any(
+        key in ALIAS_BY_NAME and ALIAS_BY_NAME[key].target.split(" ")[0] != key for key in given
+    )
+
+
+def method_alias(name: str, method: str, method_keys: set[str]) -> str | None:
+    """The hyperparameter of ``method`` that the TRL name ``name`` stands for, or None."""
+    table = METHOD_ALIASES.get(name, {})
+    key = table.get(method, table.get("*"))
+    return key if key in method_keys else None
+
+
+def ignored_method_name(name: str, value: Any, method: str) -> str | None:
+    """A warning for a method-dependent TRL name that TRL 1.16 ignores under ``method``; None if
+    it is not such a name. ``label_smoothing`` under sigmoid is NOT cDPO in TRL 1.16."""
+    if name == "label_smoothing":
+        note = " (TRL before 1.0 read it as cDPO: use method cdpo with smoothing)"
+        extra = note if method == "dpo" else ""
+        return f"label_smoothing={value} ignored: TRL 1.16 ignores it under method {method}{extra}"
+    if name in METHOD_ALIASES:
+        return f"{name}={value} ignored: it has no meaning for method {method}"
+    return None
+
+
+def unknown_keys_message(unknown: list[str], problems: list[str], valid: set[str]) -> str:
+    """One message for every unknown key (each with up to three close names among ``valid``, the
+    dpokit keys, and the TRL names, shown with the key they set) and every TRL name dpokit cannot
+    honour (``problems``, from :func:`translate`)."""
+    candidates = sorted(valid) + sorted(TRL_NAMES - valid)
+
+    def hint(key: str) -> str:
+        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.7)
+        return ", ".join(c if c in valid else f"{c} (TRL: {target(c)})" for c in close)
+
+    parts = list(problems)
+    if len(unknown) == 1:
+        close = hint(unknown[0])
+        parts.insert(
+            0, f"unknown config key {unknown[0]!r}." + (f" Did you mean {close}?" if close else "")
+        )
+    elif unknown:
+        listed = [
+            f"{key!r}" + (f" (did you mean {hint(key)}?)" if hint(key) else "") for key in unknown
+        ]
+        parts.insert(0, f"{len(unknown)} unknown config keys: {', '.join(listed)}")
+    return "; ".join(parts) + " (`dpokit train --help` lists every key)"
+
+
+def merge_settings(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
+    """``merged`` updated with ``new``; a key replaces the earlier spelling of the same setting
+    (``model=`` on the command line replaces the YAML's ``model_name_or_path``)."""
+    for key, value in new.items():
+        name = str(key).replace("-", "_")
+        for old in [k for k in merged if k != name and target(k) == target(name)]:
+            del merged[old]
+        merged[name] = value
