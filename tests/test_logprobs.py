@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import dpokit.logprobs.scorer as scorer_module
 from dpokit.logprobs import (
     CompletionScorer,
     chunked_token_kl,
@@ -381,8 +382,9 @@ def test_exact_path_matches_fast_path(tiny_model, batch):
     _check_values_and_grads(tiny_model, batch, fast=False)
 
 
-def test_softcapped_model_falls_back_to_exact_path(tiny_tokenizer, batch, caplog):
+def test_softcapped_model_falls_back_to_exact_path(tiny_tokenizer, batch, caplog, monkeypatch):
     """Gemma2 soft-caps its logits: the fast path would mis-score it, so it must not be used."""
+    monkeypatch.setattr(scorer_module, "_warned", set())  # warns once per process
     model = build_tiny_model(tiny_tokenizer, arch="gemma2")
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # logits well beyond the cap, as in a trained model

@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict
 from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.losses import METHODS
+from dpokit.losses.options import F_DIVERGENCE_OPTIONS, PAIRWISE_OPTIONS
 from dpokit.trl_names import ALIASES, LOSS_TYPES
 
 PAIRS = [{"prompt": f"Question {i}?", "chosen": " yes", "rejected": " no"} for i in range(8)]
@@ -24,6 +25,12 @@ UNPAIRED = [
     for i in range(8)
 ]
 REPO = Path(__file__).resolve().parents[1]
+
+
+def own(method_args: dict) -> dict:
+    """A method's own hyperparameters, without the options every pairwise method takes."""
+    options = set(PAIRWISE_OPTIONS) | set(F_DIVERGENCE_OPTIONS)
+    return {k: v for k, v in method_args.items() if k not in options}
 
 
 def write(path: Path, content) -> Path:
@@ -121,7 +128,7 @@ def test_trl_dpo_yaml_runs_unchanged(tmp_path, tiny_dir):
         "output_dir": str(out),
     }
     assert {key: saved[key] for key in expected} == expected
-    assert saved["method_args"] == {"beta": 0.2}
+    assert own(saved["method_args"]) == {"beta": 0.2}  # + the pairwise options' defaults
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(line.get("split") == "eval" for line in lines)  # the test split was evaluated
 
@@ -232,7 +239,7 @@ def test_label_smoothing_keeps_trl_meaning(loss_type, method, key):
 def test_label_smoothing_under_sigmoid_is_ignored_with_a_warning_not_cdpo(caplog):
     with caplog.at_level(logging.WARNING):
         config = TrainConfig.from_dict({"loss_type": "sigmoid", "label_smoothing": 0.1})
-    assert (config.method, config.method_args) == ("dpo", {"beta": 0.1})
+    assert (config.method, own(config.method_args)) == ("dpo", {"beta": 0.1})
     assert "TRL 1.16 ignores it under method dpo" in caplog.text
     assert "cdpo" in caplog.text
 
@@ -268,7 +275,7 @@ def test_beta_is_ipo_tau_and_spin_lam(method, key):
         ({"report_to": "wandb"}, {"report_to": "wandb"}),
         ({"lr_scheduler_type": "constant_with_warmup"}, {"lr_scheduler": "constant"}),
         ({"max_steps": -1}, {"max_steps": None}),
-        ({"resume_from_checkpoint": True}, {"resume": True}),
+        ({"resume_from_checkpoint": True}, {"resume": "true"}),
         ({"optim": "adamw_torch_fused"}, {"optimizer": "adamw"}),
         ({"padding_free": True}, {"packing": "padding_free"}),
         ({"precompute_ref_log_probs": False}, {"reference_mode": "auto"}),
@@ -385,7 +392,15 @@ def test_reference_precompute_and_weight_hashing_show_bars(tmp_path, tiny_dir, c
 
     model = shutil.copytree(tiny_dir, tmp_path / "model")  # a new path: its hash is not memoised
     data = write(tmp_path / "prefs.jsonl", PAIRS)
-    argv = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path)]
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     argv += ["max_steps=1", "max_length=64", "max_prompt_length=32", f"progress={progress}"]
     argv += ["reference_mode=precomputed"]
     assert main(argv) == 0
@@ -396,7 +411,15 @@ def test_reference_precompute_and_weight_hashing_show_bars(tmp_path, tiny_dir, c
 
 def test_data_summary_is_logged_once(tmp_path, tiny_dir, caplog):
     data = write(tmp_path / "prefs.jsonl", PAIRS)
-    argv = ["train", "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(tmp_path)]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     argv += ["max_steps=1", "max_length=64", "max_prompt_length=32", "progress=false"]
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0

@@ -344,7 +344,6 @@ SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
     "push_to_hub": ((False,), "dpokit writes save_pretrained output to output_dir/final"),
     "dataset_streaming": ((False,), "dpokit reads the whole dataset"),
     "activation_offloading": ((False,), "use gradient_checkpointing=true to save activations"),
-    "disable_dropout": ((False,), "dpokit keeps the model's own dropout (0 in most causal LMs)"),
     "truncation_mode": (
         ("keep_start",),
         "dpokit also keeps the completion's start; it keeps a prompt's end only where the "
