@@ -146,12 +146,13 @@ class Trainer:
         self.run_dir.verify(fingerprint)  # resume: refuse another run's checkpoint
         self.dtype = resolve_dtype(config.dtype)
         self.policy = build_policy(config, self.dtype, self.sharding)
-        self.run_dir.start()
+        self.run_dir.prepare()  # overwrite=true: the earlier run is removed here
         if self.procedure.setup is not None:
             self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
         self._build_optimizer()
         # After `prepare`: pre-computed reference log-probs are scored by the prepared policy.
         self.references = self._build_references()
+        self.run_dir.start()  # config.yaml, run.json: the run is known to start
 
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
