@@ -158,13 +158,14 @@ class Trainer:
         self.policy = build_policy(config, self.dtype, None if self.sharded else self.sharding)
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             shard_scorer(self.policy, self.policy.model, self.accelerator.device.type)
-        self.run_dir.start()
+        self.run_dir.prepare()  # overwrite=true: the earlier run is removed here
         if self.procedure.setup is not None:
             self.procedure.setup(self)  # data and starting policy exist; loaders do not yet
         self._build_optimizer()
         # After `prepare`: pre-computed reference log-probs are scored by the prepared policy.
         self.references = self._build_references()
         self.reference_sync = build_reference_sync(self)  # TR-DPO; None when off
+        self.run_dir.start()  # config.yaml, run.json: the run is known to start
 
     # ---- data -----------------------------------------------------------------------------------
     def _prepare_data(self) -> None:

@@ -1,11 +1,14 @@
 """The run directory belongs to one run: who may write in it, and what a resume may continue.
 
-Three rules, checked before anything is written (nothing is written into ``output_dir`` until
-:meth:`RunDirectory.start`, when the data has been checked and the model has loaded):
+Three rules, checked before anything is written: nothing is written into ``output_dir`` before
+:meth:`RunDirectory.prepare` (data checked, model loaded: ``overwrite`` clears the old run here)
+and the run's record (``config.yaml``, ``run.json``) only by :meth:`RunDirectory.start`, once
+the reference is built too. (A method's setup between the two may write its own cache there:
+SLiC's ``reference_samples/``.)
 
 - A fresh run (``resume=false``) needs an empty or missing ``output_dir``. ``overwrite=true``
-  clears a directory an earlier dpokit run made (it holds ``run.json`` or ``config.yaml``); a
-  directory of other files is never cleared (`PathError`).
+  clears a directory an earlier dpokit run made (it holds one of :data:`RUN_ENTRIES`); a
+  directory of other files only is never cleared (`PathError`).
 - A resume (``resume=true``) continues only the run it finds: the newest complete checkpoint (or,
   killed before its first save, ``run.json``) carries the *fingerprint* of everything that decides
   the trajectory (:func:`trajectory_fingerprint`), and a run whose fingerprint differs is refused
@@ -50,8 +53,15 @@ CONFIG_FILE = "config.yaml"
 # What marks a directory as made by dpokit (overwrite=true clears only such a directory).
 RUN_RECORDS = (RUN_FILE, CONFIG_FILE)
 # What a run writes besides its inputs: a resume into a directory holding any of these but no
-# run.json cannot tell whose run it is.
-RUN_ENTRIES = (*RUN_RECORDS, "metrics.jsonl", "checkpoints", "final", "final-merged")
+# run.json cannot tell whose run it is. (reference_samples: SLiC's y_ref cache, written in setup.)
+RUN_ENTRIES = (
+    *RUN_RECORDS,
+    "metrics.jsonl",
+    "checkpoints",
+    "final",
+    "final-merged",
+    "reference_samples",
+)
 
 # Config keys that cannot change the weights already trained (free to change on resume).
 FREE_KEYS = frozenset(
@@ -179,7 +189,7 @@ def check_reuse(path: Path, resume: str, overwrite: bool) -> bool:
             f"output_dir={path} is not empty ({shown}): resume=true continues the run in it, "
             "overwrite=true replaces it, or choose another output_dir"
         )
-    if not any((path / name).exists() for name in RUN_RECORDS):
+    if not holds_run(path):
         raise PathError(
             f"output_dir={path} holds files no dpokit run wrote ({shown}); overwrite=true clears "
             "only a run directory: choose another output_dir"
@@ -221,8 +231,9 @@ def record_overrides(path: Path, checkpoint: Path | None, changed: dict[str, lis
 
 class RunDirectory:
     """``config.output_dir`` as one run sees it. Made in ``Trainer.__init__`` before anything
-    loads (:func:`check_reuse`); :meth:`verify` once the data is prepared; :meth:`start` when the
-    run is known to start; :meth:`identity` goes into every checkpoint.
+    loads (:func:`check_reuse`); :meth:`verify` once the data is prepared; :meth:`prepare` once
+    the model has loaded; :meth:`start` when the run is known to start (the reference built);
+    :meth:`identity` goes into every checkpoint.
 
     ``accelerator``: anything with ``is_main_process`` and ``wait_for_everyone()``.
     """
@@ -257,7 +268,7 @@ class RunDirectory:
         if record is not None:  # killed before its first checkpoint: start it again
             self.changed = compare(self.config, str(self.path), record["fingerprint"], fingerprint)
             self.run_id = record["run_id"]
-        elif holds_run(self.path):
+        elif any((self.path / name).exists() for name in RUN_ENTRIES[:-1]):  # a cache is no run
             raise PathError(
                 f"output_dir={self.path} holds a run without {RUN_FILE} and no checkpoint to "
                 "continue: overwrite=true replaces it, or choose another output_dir"
@@ -269,13 +280,20 @@ class RunDirectory:
         log("resume: no complete checkpoint in %s; starting fresh", self.path)
         return None
 
+    def prepare(self) -> None:
+        """The data is checked and the model loaded: with ``overwrite``, remove the earlier run
+        now (before a setup writes its cache here). Collective: every process calls it."""
+        if self.accelerator.is_main_process and self.clear:
+            logger.warning("overwrite=true: removing the earlier run in %s", self.path)
+            shutil.rmtree(self.path)
+        self.clear = False
+        self.accelerator.wait_for_everyone()
+
     def start(self) -> None:
-        """The run starts: clear the directory (``overwrite``), write ``config.yaml``,
-        ``run.json`` and any forced override. Collective: every process calls it."""
+        """The run starts: write ``config.yaml``, ``run.json`` and any forced override.
+        Collective: every process calls it."""
+        self.prepare()
         if self.accelerator.is_main_process:
-            if self.clear:
-                logger.warning("overwrite=true: removing the earlier run in %s", self.path)
-                shutil.rmtree(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             self.config.save(self.path / CONFIG_FILE)
             record = {"run_id": self.run_id, "fingerprint": self.fingerprint}
