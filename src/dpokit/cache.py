@@ -47,13 +47,21 @@ def manifest_path(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def entry_lock(path: str | Path, exclusive: bool) -> Iterator[None]:
-    """Hold the entry's advisory lock (``.<name>.lock`` beside it) for the duration."""
+    """Hold the entry's advisory lock (``.<name>.lock`` beside it) for the duration; none when
+    the lock file cannot be created (a read-only cache directory)."""
     path = Path(path)
     if fcntl is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+b") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(f".{path.name}.lock"), "a+b")  # noqa: SIM115 - held below
+    except OSError:  # a read-only cache: nothing is written there, so nothing to serialise
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
