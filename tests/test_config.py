@@ -58,3 +58,11 @@ def test_saved_config_round_trips(tmp_path):
     config.save(tmp_path / "c.yaml")
     again = TrainConfig.load(tmp_path / "c.yaml")
     assert again == config
+
+
+def test_yaml_booleans_become_the_choice_they_spell():
+    # YAML reads `no` as False: mixed_precision's choice "no" must still be reachable.
+    config = TrainConfig.load(None, ["mixed_precision=no", "resume=true"])
+    assert (config.mixed_precision, config.resume) == ("no", "true")
+    with pytest.raises(ConfigError, match="optimizer must be str, got False"):
+        TrainConfig.load(None, ["optimizer=no"])  # no boolean choice: refused, not guessed

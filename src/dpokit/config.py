@@ -451,6 +451,13 @@ def validate(config: TrainConfig) -> None:
     _check_combinations(config, spec)
 
 
+def _yaml_word(value: bool, choices: tuple[str, ...]) -> Any:
+    """The choice YAML read as a boolean: ``mixed_precision: no`` arrives as False, ``resume:
+    true`` as True; a str key takes the word among its choices (else the bool is refused)."""
+    words = ("true", "yes", "on") if value else ("false", "no", "off")
+    return next((word for word in words if word in choices), value)
+
+
 def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
     """``value`` of config key ``key`` converted to the type in its field ``metadata`` (see
     ``_key``) and checked against its range or choices, by the converter that checks method
@@ -467,8 +474,8 @@ def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
             return None
         raise ConfigError(f"config key {key!r} needs a value")
     bounds = {name: metadata[name] for name in ("low", "high", "low_open", "high_open")}
-    if isinstance(value, bool) and "true" in (metadata["choices"] or ()):
-        value = str(value).lower()  # resume: true / false / force takes YAML's booleans
+    if isinstance(value, bool) and metadata["type"] is str:
+        value = _yaml_word(value, metadata["choices"] or ())
     try:
         converted = check_value(key, value, metadata["type"], **bounds)
     except ValueError as err:
