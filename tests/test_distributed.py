@@ -11,6 +11,7 @@ which cannot run on this CPU-only machine, and the shipped accelerate / run conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -220,7 +221,9 @@ def test_sharded_run_reads_a_table_precomputed_without_sharding(tiny_dir, tmp_pa
     config = sharding_config(tiny_dir, tmp_path, method="dpo", reference=str(other))
     unsharded = Trainer(config).references["train"].logps  # fills reference_cache_dir
     monkeypatch.setattr("dpokit.engine.parameter_sharding", lambda accelerator: "zero3")
-    sharded = Trainer(config).references["train"].logps  # a cache hit: no refusal
+    # A second run of its own (the first one's directory is taken), same cache: a hit, no refusal
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "second"))
+    sharded = Trainer(config).references["train"].logps
     assert torch.equal(sharded, unsharded)
 
 

@@ -183,8 +183,10 @@ def bco_baseline_rewards(
 ) -> Tensor | None:
     """The ``(2B,)`` detached rewards ``beta * cat(rho_w, rho_l)`` BCO's running mean folds in
     (TRL's order: chosen then rejected), or ``None`` with ``baseline=zero`` (nothing to track).
-    ``hp`` may be partial; ``hyperparameters`` is bco_pair's table, for the defaults."""
-    hp = resolve("bco_pair", hyperparameters, hp)
+    ``hp`` may be partial; ``hyperparameters`` is bco_pair's table, for the defaults. Keys
+    outside it (the pairwise options the table adds, already checked there) do not matter here."""
+    own = {key: value for key, value in (hp or {}).items() if key in hyperparameters}
+    hp = resolve("bco_pair", hyperparameters, own)
     if hp["baseline"] == "zero":
         return None
     pc, pr, rc, rr = inputs.require("bco_pair", *POLICY_PAIR, *REFERENCE_PAIR)

@@ -157,7 +157,9 @@ def option_settings(spec: Any, hyperparameters: Mapping[str, Any] | None) -> Opt
     if "ld_alpha" not in spec.hyperparameters:
         return OptionSettings()
     hp = resolve(spec.name, spec.hyperparameters, hyperparameters)
-    return OptionSettings(SequenceReduction(hp["ld_alpha"]), hp["use_weighting"])
+    # A combined objective shares its parts' keys with None as "each part's own default".
+    ld_alpha = PAIRWISE_OPTIONS["ld_alpha"].default if hp["ld_alpha"] is None else hp["ld_alpha"]
+    return OptionSettings(SequenceReduction(ld_alpha), bool(hp["use_weighting"]))
 
 
 def _with_ld(inputs: LossInputs, name: str) -> LossInputs:
