@@ -275,11 +275,6 @@ def test_tdpo2_first_step_has_zero_kl_and_loss_ln2(tdpo_run):
 # Sliding windows in every batch layout (narrow models, windows shorter than the rows)
 
 SLIDING = ["mistral-7b", "phi3-mini", "gemma2-2b", "gemma3-1b"]
-PACKED_IGNORES_WINDOW = pytest.mark.xfail(
-    strict=True,
-    reason="packed layouts pass a 4D causal block mask built without the sliding window "
-    "(dpokit.logprobs.packed_attention_mask); the model then attends past its window",
-)
 
 
 def narrow_sliding_model(name: str, window: int):
@@ -348,8 +343,8 @@ def model_logps(model, rows: list[dict]) -> torch.Tensor:
     "packing",
     [
         "none",
-        pytest.param("shared_prompt", marks=PACKED_IGNORES_WINDOW),
-        pytest.param("padding_free", marks=PACKED_IGNORES_WINDOW),
+        "shared_prompt",  # was xfail (issue 12): the packed mask now carries the window
+        "padding_free",
     ],
 )
 @pytest.mark.parametrize("name", SLIDING)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import types
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import PairCollator
@@ -19,6 +21,8 @@ from dpokit.data.packing import (
     PaddingFreeCollator,
     SharedPromptCollator,
     first_fit_decreasing,
+    packed_attention_masks,
+    packed_window_problem,
     padding_fraction,
     pair_collator,
     row_lengths,
@@ -423,3 +427,46 @@ def test_packing_config_validation(tiny_dir, varied_pairs, tmp_path):
         Trainer(
             _config(tiny_dir, varied_pairs, tmp_path, "kto", method="kto", packing="shared_prompt")
         )
+
+
+# Sliding windows (issue 12): the packed mask carries the window, or the layout is refused.
+def test_windowed_packed_mask_by_hand():
+    segments, positions = torch.tensor([[0, 0, 0, 0, 1, 1]]), torch.tensor([[0, 1, 2, 3, 0, 1]])
+    mask = packed_attention_mask(segments, None, positions, window=2)[0, 0].int()
+    expected = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]]
+    expected += [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]
+    assert mask.tolist() == expected  # query i sees keys at positions i-1 and i of its sequence
+
+
+def _qwen2(window: int):
+    """Qwen2 with its window on layer 1 only (max_window_layers=1): a per-layer-type mask dict."""
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+        sliding_window=window, max_window_layers=1, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(5)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("packing", ["shared_prompt", "padding_free"])
+def test_packed_layouts_keep_a_sliding_window(packing):
+    rows = _random_rows(64, pairs=3, seed=2)  # sequences longer than the 3-token window
+    model, wide = _qwen2(3), _qwen2(64)
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    two_rows = _score(model, PairCollator(0), rows)[0]
+    assert (two_rows - _score(wide, PairCollator(0), rows)[0]).abs().max() > 1e-3
+    packed = _score(model, pair_collator(0, packing), rows)[0]
+    torch.testing.assert_close(packed, two_rows, rtol=1e-5, atol=1e-5)
+
+
+def test_unverified_sliding_window_family_is_refused():
+    config = types.SimpleNamespace(model_type="starcoder2", sliding_window=4)
+    problem = packed_window_problem("shared_prompt", config, longest=9)
+    assert "window of 4 tokens" in problem and "9 tokens" in problem
+    assert packed_window_problem("shared_prompt", config, longest=4) is None  # no cut
+    assert packed_window_problem("none", config, longest=9) is None
+    assert packed_window_problem("padding_free", _qwen2(3).config, longest=9) is None  # masked
+    segments, positions = torch.zeros(1, 6, dtype=torch.long), torch.arange(6)[None]
+    with pytest.raises(ValueError, match="window of 4 tokens"):
+        packed_attention_masks(config, segments, None, positions)

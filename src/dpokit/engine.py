@@ -30,6 +30,7 @@ from dpokit.data import DataConfig, train_eval_split
 from dpokit.data.packing import (
     LengthGroupedSampler,
     attention_cost,
+    packed_window_problem,
     padding_fraction,
     row_lengths,
 )
@@ -189,6 +190,13 @@ class Trainer:
             model_config = AutoConfig.from_pretrained(
                 self.config.model, trust_remote_code=self.config.trust_remote_code
             )
+            longest = max(longest_sequence(d.dataset) for d in (train, evaluation) if d is not None)
+            problem = packed_window_problem(self.packing, model_config, longest)  # issue 12
+            if problem is not None and self.config.packing != "auto":
+                raise ConfigError(problem)
+            if problem is not None:  # auto: the two-row layout is exact for any window
+                self.packing, self.collate = "none", self.procedure.collator(pad_token_id)
+                return
             self.collate = self.procedure.packed_collator(
                 pad_token_id,
                 self.packing,

@@ -211,15 +211,21 @@ class PaddingFreeCollator(PairCollator):
 
 
 def packed_attention_mask(
-    segment_ids: torch.Tensor, branch_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor,
+    branch_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """(R, T) segment and branch ids -> (R, 1, T, T) bool mask, True where query i sees key j.
 
         mask[i, j] = j <= i and segment[j] == segment[i] and branch[j] in (0, branch[i])
+                     [and position[i] - position[j] < window, when ``window`` is given]
 
     Branch 0 is a prefix shared by every branch of its segment (a pair's prompt); branches b > 0
     see the prefix and themselves only (chosen and rejected never see each other). Padding has a
-    segment of its own, so every query sees at least itself and no softmax row is empty.
+    segment of its own, so every query sees at least itself and no softmax row is empty. The
+    window is measured in (R, T) ``position_ids``, each sequence's own positions, which is the
+    distance the model's sliding window cuts at (transformers: kv_idx > q_idx - window).
     """
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
@@ -228,7 +234,87 @@ def packed_attention_mask(
     if branch_ids is not None:
         key_branch = branch_ids[:, None, :]  # (R, 1, T)
         mask &= (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    if window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
     return mask[:, None]  # (R, 1, T, T)
+
+
+# Model types whose sliding-window layers take the window from the 4D mask dpokit passes, checked
+# against the model's own two-row log-probs (tests/test_packing.py, tests/test_architectures.py).
+# "all": the model applies one mask to every layer (all layers slide); "per_layer": transformers 5
+# models taking {layer type: mask} (config.layer_types: Gemma-2 alternating, Gemma-3's pattern,
+# Qwen2 from max_window_layers on). Other families with a window a row exceeds are refused.
+WINDOW_MASKS = {
+    "mistral": "all",
+    "phi3": "all",
+    "gemma2": "per_layer",
+    "gemma3_text": "per_layer",
+    "qwen2": "per_layer",
+}
+
+
+def _text_config(model_config):
+    getter = getattr(model_config, "get_text_config", None)
+    return getter() if getter is not None else model_config
+
+
+def sliding_window(model_config) -> int | None:
+    """Tokens a sliding-window layer of the model sees (the query included), or None when no
+    layer slides (no ``sliding_window``, ``use_sliding_window`` false, no sliding layer type)."""
+    config = _text_config(model_config)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def packed_window_problem(packing: str, model_config, longest: int) -> str | None:
+    """Why ``packing`` cannot score this model exactly, or None. A problem: the model slides a
+    window over some layers, a sequence (``longest`` tokens, prompt + completion) is longer than
+    it, and the family is not one whose window dpokit puts into the packed mask (WINDOW_MASKS)."""
+    window = sliding_window(model_config)
+    model_type = getattr(_text_config(model_config), "model_type", None)
+    if packing == "none" or window is None or longest <= window or model_type in WINDOW_MASKS:
+        return None
+    return (
+        f"packing={packing}: {model_type} attends within a sliding window of {window} tokens and "
+        f"the longest sequence has {longest} tokens; dpokit does not build a verified sliding "
+        "window mask for this model family, so packed rows would attend past the window: use "
+        "packing=none (two rows per pair) or packing=auto"
+    )
+
+
+def packed_attention_masks(
+    model_config, segment_ids: torch.Tensor, branch_ids, position_ids: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed mask(s) the model takes: one (R, 1, T, T) bool mask
+    (:func:`packed_attention_mask`), with the window when every layer slides, or a dict
+    {layer type: mask} when only some layers do. No window when no sequence reaches past it.
+
+    Raises:
+        ValueError: a sequence is longer than the window of a family not in WINDOW_MASKS, or
+            a layer type other than full/sliding attention.
+    """
+    full = packed_attention_mask(segment_ids, branch_ids)
+    window = sliding_window(model_config)
+    if window is None or int(position_ids.max()) < window:  # positions 0..n-1: no cut
+        return full
+    config = _text_config(model_config)
+    kind = WINDOW_MASKS.get(getattr(config, "model_type", None))
+    if kind is None:
+        longest = int(position_ids.max()) + 1
+        raise ValueError(packed_window_problem("packed", model_config, longest))
+    sliding = packed_attention_mask(segment_ids, branch_ids, position_ids, window)
+    if kind == "all":
+        return sliding
+    masks = {"full_attention": full, "sliding_attention": sliding}
+    unknown = set(config.layer_types) - set(masks)
+    if unknown:
+        raise ValueError(f"packed rows: no mask for layer types {sorted(unknown)}")
+    return masks
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpokit.data.packing import packed_attention_mask
+from dpokit.data.packing import packed_attention_masks
 from dpokit.logprobs.kernels import SoftmaxWorkspace, chunked_token_logps, sum_per_row
 
 logger = logging.getLogger(__name__)
@@ -313,12 +313,12 @@ class CompletionScorer(nn.Module):
                     "packing=padding_free"
                 )
             return {"attention_mask": None, "position_ids": position_ids}
-        mask = packed_attention_mask(segment_ids, branch_ids)  # (R, 1, T, T) bool
+        # (R, 1, T, T) bool, or {layer type: mask} when only some layers slide a window
+        config = _unwrap(self.model).config
+        mask = packed_attention_masks(config, segment_ids, branch_ids, position_ids)
         if implementation != "sdpa":  # eager and others add the mask to the scores
             dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(dtype).min
-            )
+            mask = _additive(mask, dtype)
         return {"attention_mask": mask, "position_ids": position_ids}
 
     def _completion_hidden(self, input_ids, scored, model_kwargs) -> Tensor:
@@ -350,7 +350,9 @@ class CompletionScorer(nn.Module):
             return
         r = slice(int(rows[0]), int(rows[0]) + 1)
 
-        def one(t: Tensor | None) -> Tensor | None:
+        def one(t):  # a tensor, None, or a packed {layer type: mask} dict
+            if isinstance(t, dict):
+                return {kind: one(m) for kind, m in t.items()}
             return t[r] if t is not None and t.shape[0] == scored.shape[0] else t
 
         args = (one(input_ids), scored[r], {k: one(v) for k, v in model_kwargs.items()})
@@ -370,6 +372,14 @@ class CompletionScorer(nn.Module):
         if error > tol:
             reason = f"its logits are not decoder @ W.T + b (max |diff| {error:.3g} > {tol:.3g})"
             self._use_exact_path(reason)
+
+
+def _additive(mask, dtype: torch.dtype):
+    """A bool mask (or dict of them) -> 0 where True, the dtype's minimum where False."""
+    if isinstance(mask, dict):
+        return {kind: _additive(m, dtype) for kind, m in mask.items()}
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _right_padded(attention_mask: Tensor | None) -> bool:
