@@ -86,3 +86,9 @@ def one_line(error: BaseException) -> str:
         return f"{error.strerror}{where}"
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class ConfigError(UserError, ValueError):
+    """A run configuration that cannot work; raised before anything is loaded (exit code 2)."""
+
+    exit_code = EXIT_CONFIG

@@ -36,7 +36,7 @@ from dpokit.data.packing import pair_collator
 from dpokit.generation import generate_completions
 from dpokit.hashing import derive_fingerprint, json_digest
 from dpokit.modeling import is_peft_model, load_model, loading_kwargs
-from dpokit.reference import model_identity
+from dpokit.reference_cache import model_identity
 from dpokit.steps.base import Procedure
 from dpokit.steps.pairwise import pairwise_batch_loss
 
