@@ -10,11 +10,9 @@ that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recip
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,12 +34,11 @@ from dpokit.data.packing import (
 )
 from dpokit.distributed import build_accelerator, own_sharding, parameter_sharding
 from dpokit.faults import (
-    OUT_OF_MEMORY_ERRORS,
     NonFiniteLossError,
-    OutOfMemoryError,
     all_finite,
-    oom_message,
+    explain_oom,
 )
+from dpokit.loop_state import LoopState, TrainResult
 from dpokit.losses import MethodSpec, get_method
 from dpokit.losses.options import option_settings
 from dpokit.metrics import MetricAverager, MetricsWriter
@@ -57,55 +54,10 @@ from dpokit.reference import ReferenceBuilder, choose_reference_mode
 from dpokit.reference_sync import build_reference_sync, check_sync_config, sync_reference_mode
 from dpokit.rundir import RunDirectory, trajectory_fingerprint
 from dpokit.sharding import clip_grad_norm, load_sharded_state, save_sharded_state, shard_scorer
-from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for
+from dpokit.steps import Procedure, StepContext, batch_rows, procedure_for, resolve_packing
 from dpokit.steps.baseline import RewardBaselineHook
 
 logger = logging.getLogger("dpokit")
-
-
-@dataclass
-class TrainResult:
-    """What a run (or a recipe's chain of runs) returns.
-
-    Attributes:
-        output_dir: the run directory; final_dir: the saved model (``output_dir/final``).
-        global_step: optimizer steps taken (all stages of a recipe, skipped ones included).
-        history: the train/eval records of ``metrics.jsonl`` this call produced.
-        skipped_batches: non-finite batches skipped (``nonfinite=skip``).
-    """
-
-    output_dir: Path
-    final_dir: Path
-    global_step: int
-    history: list[dict] = field(default_factory=list)
-    skipped_batches: int = 0
-
-
-def resolve_packing(config: TrainConfig, spec, procedure) -> str:
-    """The batch layout: ``config.packing`` where the procedure's data can be packed (``auto``:
-    per batch the cheaper exact layout, see dpokit.data.packing), else ``none``."""
-    if procedure.packed_collator is None:
-        if config.packing not in ("auto", "none"):
-            raise ConfigError(
-                f"packing={config.packing} needs preference pairs; method {spec.name} trains on "
-                f"{spec.data!r} data, collated one way only: use packing=none (or auto)"
-            )
-        return "none"
-    return config.packing
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: optimizer steps taken, epoch, batches of the epoch consumed, and what
-    has been gathered since the last logged step (metrics, tokens, start time)."""
-
-    step: int
-    epoch: int
-    batches_done: int
-    averager: MetricAverager = field(default_factory=MetricAverager)
-    tokens: int = 0
-    tick: float = field(default_factory=time.perf_counter)
-    history: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -358,7 +310,10 @@ class Trainer:
         for i, batch in enumerate(window):
             loop.batches_done += 1
             last = i == len(window) - 1
-            with self._explain_oom(loop.step, batch), micro_batch_sync(acc, self.policy, last):
+            with (
+                explain_oom(self.config, loop.step + 1, batch, self.reference_mode),
+                micro_batch_sync(acc, self.policy, last),
+            ):
                 out = self.procedure.batch_loss(context, batch)
                 finite = all_finite(out.loss, acc)
                 if finite:
@@ -387,16 +342,6 @@ class Trainer:
         )
         self.optimizer.zero_grad()
         loop.averager.mean(self.accelerator)  # drop this step's partial metrics
-
-    @contextlib.contextmanager
-    def _explain_oom(self, step: int, batch: dict):
-        """Turn a device out-of-memory error into one that names the batch shape and the
-        settings that shrink memory."""
-        try:
-            yield
-        except OUT_OF_MEMORY_ERRORS as err:
-            message = oom_message(self.config, step + 1, batch, self.reference_mode)
-            raise OutOfMemoryError(message) from err
 
     def _nonfinite(self, step, epoch, batches_done, batch, what) -> int:
         rows = batch["index"].tolist()

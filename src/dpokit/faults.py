@@ -7,6 +7,9 @@ micro-batch does not fit on the device.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from dpokit.errors import EXIT_OUT_OF_MEMORY, NonFiniteError, UserError
@@ -78,3 +81,13 @@ def all_finite(value: torch.Tensor | None, accelerator) -> bool:
         # accelerate's reduce knows only sum and mean: finite everywhere <=> sum == processes
         flag = accelerator.reduce(flag, reduction="sum")
     return bool(flag.item() == accelerator.num_processes)
+
+
+@contextlib.contextmanager
+def explain_oom(config, step: int, batch: dict, reference_mode: str) -> Iterator[None]:
+    """Turn a device out-of-memory error inside the block into an :class:`OutOfMemoryError`
+    that names the batch shape and the settings that shrink memory (:func:`oom_message`)."""
+    try:
+        yield
+    except OUT_OF_MEMORY_ERRORS as err:
+        raise OutOfMemoryError(oom_message(config, step, batch, reference_mode)) from err

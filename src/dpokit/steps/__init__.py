@@ -22,7 +22,7 @@ sft         supervised fine-tuning (``dpokit sft``; not a preference method)
 from __future__ import annotations
 
 from dpokit.losses import MethodSpec
-from dpokit.steps.base import Procedure, StepContext, StepOutput, batch_rows
+from dpokit.steps.base import Procedure, StepContext, StepOutput, batch_rows, resolve_packing
 from dpokit.steps.kto import KTO_STEP
 from dpokit.steps.pairwise import PAIRWISE_STEP, pairwise_batch_loss
 from dpokit.steps.segment import SEGMENT_STEP
@@ -56,4 +56,5 @@ __all__ = [
     "batch_rows",
     "pairwise_batch_loss",
     "procedure_for",
+    "resolve_packing",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.errors import ConfigError
 from dpokit.losses import MethodSpec
 
 
@@ -98,3 +99,16 @@ class Procedure:
     setup: Callable | None = None
     packed_collator: Callable | None = None
     units: Callable[[dict], int] = batch_rows
+
+
+def resolve_packing(config, spec, procedure) -> str:
+    """The batch layout: ``config.packing`` where the procedure's data can be packed (``auto``:
+    per batch the cheaper exact layout, see dpokit.data.packing), else ``none``."""
+    if procedure.packed_collator is None:
+        if config.packing not in ("auto", "none"):
+            raise ConfigError(
+                f"packing={config.packing} needs preference pairs; method {spec.name} trains on "
+                f"{spec.data!r} data, collated one way only: use packing=none (or auto)"
+            )
+        return "none"
+    return config.packing

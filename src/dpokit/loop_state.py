@@ -1,0 +1,41 @@
+"""What one run returns (:class:`TrainResult`) and where its loop is (:class:`LoopState`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpokit.metrics import MetricAverager
+
+
+@dataclass
+class TrainResult:
+    """What a run (or a recipe's chain of runs) returns.
+
+    Attributes:
+        output_dir: the run directory; final_dir: the saved model (``output_dir/final``).
+        global_step: optimizer steps taken (all stages of a recipe, skipped ones included).
+        history: the train/eval records of ``metrics.jsonl`` this call produced.
+        skipped_batches: non-finite batches skipped (``nonfinite=skip``).
+    """
+
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    history: list[dict] = field(default_factory=list)
+    skipped_batches: int = 0
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: optimizer steps taken, epoch, batches of the epoch consumed, and what
+    has been gathered since the last logged step (metrics, tokens, start time)."""
+
+    step: int
+    epoch: int
+    batches_done: int
+    averager: MetricAverager = field(default_factory=MetricAverager)
+    tokens: int = 0
+    tick: float = field(default_factory=time.perf_counter)
+    history: list[dict] = field(default_factory=list)
