@@ -126,18 +126,18 @@ def test_yaml_none_unsets_max_length_too(tmp_path):
 # ---- model, files and I/O (4) -------------------------------------------------------------------
 
 
-def test_output_dir_that_is_a_file(tmp_path, capsys):
+def test_output_dir_that_is_a_file(tmp_path, tiny_dir, capsys):
     target = tmp_path / "file.txt"
     target.write_text("not a directory")
-    assert main(train_argv("m", "d.jsonl", target)) == EXIT_FILES
+    assert main(train_argv(tiny_dir, "d.jsonl", target)) == EXIT_FILES  # a model that exists
     assert error_line(capsys) == f"output_dir={target}: is a file, not a directory"
 
 
-def test_output_dir_under_a_file(tmp_path, capsys):
+def test_output_dir_under_a_file(tmp_path, tiny_dir, capsys):
     parent = tmp_path / "file.txt"
     parent.write_text("not a directory")
     target = parent / "runs" / "dpo"
-    assert main(train_argv("m", "d.jsonl", target)) == EXIT_FILES
+    assert main(train_argv(tiny_dir, "d.jsonl", target)) == EXIT_FILES  # a model that exists
     assert error_line(capsys) == (
         f"output_dir={target}: {parent} is a file, so no directory can be made in it"
     )
@@ -160,10 +160,10 @@ def unwritable_directory(tmp_path: Path) -> Path:
     pytest.skip("no directory here refuses new files")
 
 
-def test_output_dir_that_cannot_be_written(tmp_path, capsys):
+def test_output_dir_that_cannot_be_written(tmp_path, tiny_dir, capsys):
     locked = unwritable_directory(tmp_path)
     target = locked / "run"
-    assert main(train_argv("m", "d.jsonl", target)) == EXIT_FILES
+    assert main(train_argv(tiny_dir, "d.jsonl", target)) == EXIT_FILES  # a model that exists
     line = error_line(capsys)
     assert line.startswith(f"output_dir={target}: cannot write in {locked} (")
     assert not target.exists()
