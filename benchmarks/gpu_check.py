@@ -11,14 +11,18 @@ GPU, so that the whole check ends within ~10 minutes on one H200):
    liger-kernel, flash-attn ("not installed" when absent).
 2. ``install`` (only with ``--install``): ``pip install`` what is missing of ``trl>=1.16``,
    ``liger-kernel`` (``--no-deps``: it needs only torch and triton, which a CUDA torch brings) and
-   ``flash-attn`` (``--no-deps --only-binary=:all:``: a wheel from the index, or from the folder
-   in ``$GPU_CHECK_WHEELS``; flash-attn's source build takes far longer than this check has).
-   Each install has its own time limit; a failed one is reported and the check carries on.
+   a flash-attention: ``flash-attn`` (``--no-deps --only-binary=:all:``: a wheel from the index,
+   or from the folder in ``$GPU_CHECK_WHEELS``; its source build takes far longer than this check
+   has), else ``flash-attn-4`` (binary, Hopper and newer). The installed torch is pinned in each
+   command. Each install has its own time limit; a failed one is reported and the check goes on.
+   ``env`` then picks flash_attention_2, 3 or 4, the first that is installed and runs a packed
+   forward on the GPU.
 3. ``model``: Qwen2.5-0.5B's published shape (gpu_check_steps.QWEN25_05B) with random weights and
    a small BPE tokenizer, ``save_pretrained``, plus preference pairs (benchmarks/workload.py).
 4. ``train``: ``dpokit train`` (the CLI) with ``mixed_precision=bf16
-   attn_implementation=flash_attention_2 packing=padding_free``. Checks: the run finishes and saves
-   ``final/``, every loss is finite, the first loss is ln 2 (policy = reference) to bf16 tolerance.
+   attn_implementation=flash_attention_2 packing=padding_free`` (or the flash version ``env``
+   chose). Checks: the run finishes and saves ``final/``, every loss is finite, the first loss is
+   ln 2 (policy = reference) to bf16 tolerance.
 5. ``logps``: one batch through dpokit's CompletionScorer, padding-free vs two rows per pair (both
    bf16 autocast, same attention kernel) and vs fp32 SDPA. Checks: the same completion tokens, and
    per-sequence log-probs equal to bf16 tolerance (relative 2^-8, one bf16 rounding step).
@@ -114,38 +118,43 @@ class Check:
         return json.loads(result.read_text())
 
 
+def pip_install(check: Check, name: str, pip_args: list[str]) -> bool:
+    """``pip install pip_args`` under the install time limit; reported; True when it worked."""
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *pip_args]
+    log = check.logs / f"install-{name}.log"
+    try:
+        status = run_limited(cmd, check.limit("install"), log)
+    except StepError as error:
+        check.report.install(name, "skipped", str(error))
+        return False
+    ok = status["returncode"] == 0
+    detail = " ".join(pip_args) + ("" if ok else f": {last_error(log)}")
+    check.report.install(name, "installed" if ok else "failed", detail)
+    return ok
+
+
 def install(check: Check, env: dict) -> None:
-    """pip-install what is missing of trl, liger-kernel and flash-attn; each failure reported."""
+    """pip-install what is missing of trl, liger-kernel and a flash-attention; each reported.
+
+    The installed torch is pinned in every command that resolves dependencies, so that pip
+    fails rather than replace it; binaries only for flash-attention (no source builds)."""
     cuda = env["cuda_available"]
+    pin = [f"torch=={env['versions']['torch']}"]
     wheels = os.environ.get("GPU_CHECK_WHEELS")
-    find = ["--find-links", wheels] if wheels else []
-    plan = [
-        ("trl", ["trl>=1.16"], env["versions"]["trl"] == "not installed", None),
-        ("liger-kernel", ["--no-deps", "liger-kernel"], not env["liger_importable"], cuda),
-        (
-            "flash-attn",
-            ["--no-deps", "--only-binary=:all:", *find, "flash-attn"],
-            not env["flash_attention_2_usable"],
-            cuda,
-        ),
-    ]
-    for name, pip_args, missing, possible in plan:
+    binary = ["--only-binary=:all:", *(["--find-links", wheels] if wheels else [])]
+    if env["versions"]["trl"] == "not installed":
+        pip_install(check, "trl", ["trl>=1.16", *pin])
+    for name, missing in (("liger-kernel", not env["liger_importable"]),
+                          ("flash-attention", env["flash_attention"] is None)):  # fmt: skip
         if not missing:
-            check.report.install(name, "already installed", "")
-            continue
-        if possible is False:
+            check.report.install(name, "already there", "")
+        elif not cuda:
             check.report.install(name, "skipped", "needs CUDA")
-            continue
-        cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *pip_args]
-        log = check.logs / f"install-{name}.log"
-        try:
-            status = run_limited(cmd, check.limit("install"), log)
-        except StepError as error:
-            check.report.install(name, "skipped", str(error))
-            continue
-        ok = status["returncode"] == 0
-        detail = " ".join(cmd[3:]) + ("" if ok else f": {last_error(log)}")
-        check.report.install(name, "installed" if ok else "failed", detail)
+        elif name == "liger-kernel":  # needs only torch and triton, which a CUDA torch brings
+            pip_install(check, name, ["--no-deps", "liger-kernel"])
+        elif not pip_install(check, "flash-attn", ["--no-deps", *binary, "flash-attn"]):
+            # flash-attn 2 ships no wheels on PyPI; flash-attn-4 (CuTe DSL, Hopper and newer) does
+            pip_install(check, "flash-attn-4", [*binary, "flash-attn-4", *pin])
 
 
 def train(check: Check, model: dict, attn: str) -> None:
@@ -272,12 +281,12 @@ def run(check: Check) -> None:
         env = check.step("env")
     check.report.section("env", env)
     check.report.set_mode(check.mode, env)
-    flash = env["flash_attention_2_usable"] and check.mode == "gpu"
-    attn = "flash_attention_2" if flash else "sdpa"
+    flash = env["flash_attention"] if check.mode == "gpu" else None
+    attn = flash or "sdpa"
     if not flash:
-        why = "no CUDA" if check.mode == "cpu" else "flash-attn not installed"
+        why = "no CUDA" if check.mode == "cpu" else str(env["flash_attention_not_used"])
         check.report.skip(
-            "flash_attention_2 (varlen)", f"{why}: padding_free ran with sdpa's packed mask"
+            "flash-attention (varlen)", f"{why}: padding_free ran with sdpa's packed mask"
         )
         if check.args.require_flash:
             check.report.check("flash-attention available (--require-flash)", False, why)

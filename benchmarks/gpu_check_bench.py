@@ -46,8 +46,8 @@ class Row:
 
 def plan_rows(env: dict) -> list[Row]:
     """The rows, most important first (a short time budget drops the last ones)."""
-    cuda, flash = env["cuda_available"], env["flash_attention_2_usable"]
-    attn = "flash_attention_2" if flash else "sdpa"
+    cuda, flash = env["cuda_available"], env["flash_attention"]
+    attn = flash or "sdpa"
     no_trl = None if env["versions"]["trl"] != "not installed" else "trl not installed"
     if not cuda:
         no_liger = "needs CUDA (liger-kernel's kernels are Triton)"
@@ -55,10 +55,10 @@ def plan_rows(env: dict) -> list[Row]:
         no_liger = "liger-kernel not installed (or not importable)"
     else:
         no_liger = no_trl
-    no_flash = None if flash else "flash-attn not installed (or no CUDA)"
+    no_flash = None if flash else "no flash-attention here (see env)"
     # Transformers refuses bf16 without a GPU unless told to use the CPU.
     trl_bf16 = {"bf16": True} if cuda else {"bf16": True, "use_cpu": True}
-    pf_label = "dpokit bf16 packing=padding_free + flash-attention varlen"
+    pf_label = f"dpokit bf16 packing=padding_free + {flash} (varlen)"
     return [
         Row(
             pf_label if flash else "dpokit bf16 packing=padding_free (sdpa, packed mask)",
@@ -74,12 +74,12 @@ def plan_rows(env: dict) -> list[Row]:
         ),
         Row("dpokit bf16 (default packing=auto, sdpa)", "dpokit", {"mixed_precision": "bf16"}),
         Row(
-            "TRL DPOTrainer bf16 padding_free + flash_attention_2",
+            f"TRL DPOTrainer bf16 padding_free + {flash or 'flash-attention'}",
             "trl_precomputed",
             trl_args={
                 **trl_bf16,
                 "padding_free": True,
-                "model_init_kwargs": {"attn_implementation": "flash_attention_2"},
+                "model_init_kwargs": {"attn_implementation": flash},
             },
             skip=no_trl or no_flash,
         ),

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-VERSIONS = ("torch", "transformers", "accelerate", "trl", "liger-kernel", "flash-attn", "triton")
+VERSIONS = ("torch", "transformers", "accelerate", "trl", "liger-kernel", "flash-attn",
+            "flash-attn-4", "triton")  # fmt: skip
 
 
 def _fmt(value, spec: str) -> str:
@@ -116,7 +117,8 @@ class Report:
             gpu = env.get("gpu", "none")
             lines += [
                 f"Environment: python {env['python']}, {env['machine']}, CUDA "
-                f"{env['torch_cuda']}, GPU {gpu}; {versions}.",
+                f"{env['torch_cuda']}, GPU {gpu}; {versions}; attention for the flash path: "
+                f"{env['flash_attention'] or 'sdpa'}.",
                 "",
             ]
         lines += self._checks_md() + self._bench_md()

@@ -53,7 +53,7 @@ PAIR_SHAPES = {
 }
 TOKENIZER_VOCAB = 8192
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "trl", "liger-kernel",
-            "flash-attn", "triton", "dpokit")  # fmt: skip
+            "flash-attn", "flash-attn-3", "flash-attn-4", "triton", "dpokit")  # fmt: skip
 
 
 def version(package: str) -> str:
@@ -64,19 +64,62 @@ def version(package: str) -> str:
         return "not installed"
 
 
+def _flash_smoke_test(implementation: str) -> None:
+    """A 2-layer Qwen2 with ``implementation`` on the GPU: one bf16 forward over two sequences
+    packed in one row (position ids restart), the way dpokit's padding_free calls it; raises
+    what the kernel raises. An installed kernel that cannot run here is then not chosen."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**dict(CPU_SHAPE, vocab_size=64, use_sliding_window=False))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+        ids = torch.randint(0, 64, (1, 12))
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, position_ids=positions).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"{implementation}: non-finite logits")
+
+
+def flash_attention() -> tuple[str | None, dict]:
+    """The first flash-attention implementation (2, else 3, else 4) that is installed and runs
+    here, and why each other one was not taken."""
+    import torch
+    from transformers.utils import import_utils
+
+    if not torch.cuda.is_available():
+        return None, {"all": "no CUDA"}
+    why = {}
+    for version_number in (2, 3, 4):
+        name = f"flash_attention_{version_number}"
+        available = getattr(import_utils, f"is_flash_attn_{version_number}_available", None)
+        if available is None or not available():
+            why[name] = "not installed"
+            continue
+        try:
+            _flash_smoke_test(name)
+        except Exception as error:  # any failure of an optional kernel: report it, use another
+            why[name] = f"{type(error).__name__}: {error}"[:300]
+            continue
+        return name, why
+    return None, why
+
+
 def step_env(args) -> dict:
     """Versions, the accelerator, and which optional kernels can run here."""
     import torch
-    from transformers.utils import is_flash_attn_2_available
 
     cuda = torch.cuda.is_available()
+    flash, flash_why = flash_attention()
     out = {
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": {name: version(name) for name in PACKAGES},
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda,
-        "flash_attention_2_usable": bool(cuda and is_flash_attn_2_available()),
+        "flash_attention": flash,
+        "flash_attention_not_used": flash_why,
     }
     try:
         import liger_kernel  # noqa: F401 - importable is what TRL's use_liger_kernel needs
