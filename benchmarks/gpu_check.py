@@ -27,7 +27,7 @@ GPU, so that the whole check ends within ~10 minutes on one H200):
    bf16 autocast, same attention kernel) and vs fp32 SDPA. Checks: the same completion tokens, and
    per-sequence log-probs equal to bf16 tolerance (relative 2^-8, one bf16 rounding step).
 6. ``bench`` (gpu_check_bench.py): dpokit bf16 padding-free + flash-attention, TRL's DPOTrainer in
-   bf16, TRL + ``use_liger_kernel``, dpokit bf16 default, TRL padding_free + flash; s/step,
+   bf16, TRL + ``use_liger_kernel``, dpokit bf16 default, TRL + flash-attention; s/step,
    tokens/s, CUDA memory, MFU against the measured bf16 matmul peak, first-step numbers.
 
 Without CUDA (or with ``--cpu``) the same steps run on a 2-layer model of the same family with bf16
@@ -144,6 +144,8 @@ def install(check: Check, env: dict) -> None:
     binary = ["--only-binary=:all:", *(["--find-links", wheels] if wheels else [])]
     if env["versions"]["trl"] == "not installed":
         pip_install(check, "trl", ["trl>=1.16", *pin])
+    else:
+        check.report.install("trl", "already there", env["versions"]["trl"])
     for name, missing in (("liger-kernel", not env["liger_importable"]),
                           ("flash-attention", env["flash_attention"] is None)):  # fmt: skip
         if not missing:
@@ -284,7 +286,8 @@ def run(check: Check) -> None:
     flash = env["flash_attention"] if check.mode == "gpu" else None
     attn = flash or "sdpa"
     if not flash:
-        why = "no CUDA" if check.mode == "cpu" else str(env["flash_attention_not_used"])
+        not_used = env["flash_attention_not_used"].items()
+        why = "no CUDA" if check.mode == "cpu" else "; ".join(f"{k}: {v}" for k, v in not_used)
         check.report.skip(
             "flash-attention (varlen)", f"{why}: padding_free ran with sdpa's packed mask"
         )

@@ -7,7 +7,7 @@ constant, same batch, data in file order) and its step differencing: steady-stat
 contenders.py trains in fp32 and has no liger switch, and bench_dpo.py has no option for either,
 so (leaving both files as they are) the worker here wraps ``trl.DPOConfig`` to force a row's TRL
 arguments (``bf16=True``: autocast over fp32 weights, what dpokit's ``mixed_precision=bf16`` does;
-``use_liger_kernel``; ``padding_free``), and gives dpokit its overrides the way bench_dpo.py does.
+``use_liger_kernel``; the attention kernel), and gives dpokit its overrides as bench_dpo.py does.
 
     python benchmarks/gpu_check_bench.py --worker SPEC_JSON   # one run (used by run_bench)
 """
@@ -73,14 +73,11 @@ def plan_rows(env: dict) -> list[Row]:
             skip=no_liger,
         ),
         Row("dpokit bf16 (default packing=auto, sdpa)", "dpokit", {"mixed_precision": "bf16"}),
-        Row(
-            f"TRL DPOTrainer bf16 padding_free + {flash or 'flash-attention'}",
+        Row(  # TRL 1.16's DPOTrainer turns padding_free off ("temporarily unavailable"), so
+            # this row is TRL's padded batches with the flash kernel (which unpads them itself)
+            f"TRL DPOTrainer bf16 + {flash or 'flash-attention'} (padded)",
             "trl_precomputed",
-            trl_args={
-                **trl_bf16,
-                "padding_free": True,
-                "model_init_kwargs": {"attn_implementation": flash},
-            },
+            trl_args={**trl_bf16, "model_init_kwargs": {"attn_implementation": flash}},
             skip=no_trl or no_flash,
         ),
     ]
