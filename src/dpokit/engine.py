@@ -25,6 +25,7 @@ from transformers import AutoConfig
 from dpokit import accumulation as accum
 from dpokit import checkpoint as ckpt
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.config_checks import no_eval_data
 from dpokit.data import DataConfig, train_eval_split
 from dpokit.data.packing import (
     LengthGroupedSampler,
@@ -397,7 +398,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int, writer: MetricsWriter | None = None) -> dict:
-        """Loss, reward accuracy and margins on the held-out split, over all processes."""
+        """Loss, reward accuracy and margins on the held-out split, over all processes (each
+        row once). Raises :class:`ConfigError` when the run has no held-out data."""
+        if self.eval_loader is None:
+            raise ConfigError(no_eval_data("evaluate()"))
         contexts = (self._context("eval"), self._context("eval", filler=True))
         self.policy.eval()
         averager, rows = MetricAverager(), 0
