@@ -199,7 +199,9 @@ def fake_accelerator():
 )
 def test_epoch_micro_batches_fill_every_process_to_the_same_slots(own, slots, done, expected):
     micro = list(
-        epoch_micro_batches(FakeLoader(own), slots, done, lambda: "filler", fake_accelerator())
+        epoch_micro_batches(
+            FakeLoader(own), slots, done, filler=lambda: "filler", accelerator=fake_accelerator()
+        )
     )
     assert [m.batch for m in micro] == expected
     assert [m.real for m in micro] == [b != "filler" for b in expected]

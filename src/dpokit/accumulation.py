@@ -30,6 +30,7 @@ This module knows batches and an accelerator, nothing of methods or the engine's
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ def epoch_slots(batches: int, num_processes: int) -> int:
     return math.ceil(batches / num_processes)
 
 
+def epoch_feed(
+    loader, batches: int, dataset, collate: Callable, accelerator
+) -> Callable[[int], Iterator[MicroBatch]]:
+    """``done -> the rest of this process's epoch`` (:func:`epoch_micro_batches`) of a loader
+    prepared with ``even_batches=False`` from ``batches`` batches (the whole epoch's, before
+    sharding) of ``dataset``; fillers are row 0 of ``dataset`` collated by ``collate``."""
+    slots = epoch_slots(batches, accelerator.num_processes)
+    filler = functools.partial(filler_batch, dataset, collate, accelerator.device)
+    return functools.partial(
+        epoch_micro_batches, loader, slots, filler=filler, accelerator=accelerator
+    )
+
+
 def filler_batch(dataset, collate: Callable, device) -> dict:
     """A filler's batch: row 0 of ``dataset`` collated by ``collate`` on ``device`` (any real
     row serves: its loss is multiplied by 0; one row keeps the extra forward cheap)."""
@@ -59,7 +73,7 @@ def filler_batch(dataset, collate: Callable, device) -> dict:
 
 
 def epoch_micro_batches(
-    loader, slots: int, done: int, filler: Callable[[], dict], accelerator
+    loader, slots: int, done: int = 0, *, filler: Callable[[], dict], accelerator
 ) -> Iterator[MicroBatch]:
     """The rest of an epoch on this process, after ``done`` slots: its own batches of
     ``loader`` (accelerate-prepared with ``even_batches=False``), then fillers up to ``slots``.

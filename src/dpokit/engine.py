@@ -10,7 +10,6 @@ that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recip
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -195,7 +194,7 @@ class Trainer:
         self.steps_per_epoch, self.max_steps = count_steps(
             config, len(self.train_loader), acc.num_processes
         )
-        slots = accum.epoch_slots(len(self.train_loader), acc.num_processes)
+        batches, dataset = len(self.train_loader), self.train_data.dataset  # before sharding
         # Stepped by hand once per optimizer step (not prepared: accelerate would step it once
         # per process).
         self.scheduler = build_scheduler(config, self.optimizer, self.max_steps)
@@ -206,18 +205,21 @@ class Trainer:
                 self.policy, self.optimizer, self.train_loader = acc.prepare(
                     self.policy, self.optimizer, self.train_loader
                 )
-            self.epochs = {"train": (self.train_data, self.train_loader, slots)}  # + fillers
+            # split -> (slots done -> this process's micro-batches, fillers last)
+            self.epochs = {
+                "train": accum.epoch_feed(self.train_loader, batches, dataset, self.collate, acc)
+            }
             self.eval_loader = None
             if self.eval_data is not None:
                 loader = self._loader(self.eval_data, False, config.eval_batch_size)
-                slots = accum.epoch_slots(len(loader), acc.num_processes)
                 self.eval_loader = acc.prepare_data_loader(loader)
-                self.epochs["eval"] = (self.eval_data, self.eval_loader, slots)
+                self.epochs["eval"] = accum.epoch_feed(
+                    self.eval_loader, len(loader), self.eval_data.dataset, self.collate, acc
+                )
         acc.register_for_checkpointing(self.scheduler)
 
     def _context(self, split: str, filler: bool = False) -> StepContext:
-        """What the per-batch step needs for ``split``; ``filler``: for a filler micro-batch
-        (its rows join the collectives, counted nowhere: :mod:`dpokit.accumulation`)."""
+        """What a per-batch step needs for ``split`` (``filler``: a filler micro-batch's)."""
         policy_model = self.accelerator.unwrap_model(self.policy).model
         reference = self.references[split]
         reference_head = getattr(reference, "lm_head", None)
@@ -233,13 +235,6 @@ class Trainer:
             reward_baseline=self.reward_baseline.for_split(split, filler),
             filler=filler,
         )
-
-    def _micro_batches(self, split: str, done: int = 0):
-        """The rest of this process's epoch of ``split`` after ``done`` slots, fillers last."""
-        data, loader, slots = self.epochs[split]
-        device = self.accelerator.device
-        filler = functools.partial(accum.filler_batch, data.dataset, self.collate, device)
-        return accum.epoch_micro_batches(loader, slots, done, filler, self.accelerator)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -283,12 +278,13 @@ class Trainer:
             self.output_dir, final_dir, loop.step, loop.history, self.skipped_batches
         )
 
-    def _run_epoch(self, loop: LoopState, context: StepContext, writer, progress) -> None:
-        """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` batches), or until
-        ``max_steps``; every completed optimizer step is logged, evaluated and saved as set."""
+    def _run_epoch(self, loop: LoopState, context: tuple, writer, progress) -> None:
+        """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` slots), or until
+        ``max_steps``; every completed optimizer step is logged, evaluated and saved as set.
+        ``context``: the step contexts of real and of filler micro-batches."""
         config = self.config
         self.train_loader.set_epoch(loop.epoch)
-        loader = self._micro_batches("train", loop.batches_done)
+        loader = self.epochs["train"](loop.batches_done)
         for window in accum.accumulation_windows(loader, config.gradient_accumulation_steps):
             stepped, grad_norm = self._accumulate(loop, context, window)
             if not stepped:
@@ -405,7 +401,7 @@ class Trainer:
         contexts = (self._context("eval"), self._context("eval", filler=True))
         self.policy.eval()
         averager, rows = MetricAverager(), 0
-        for micro in self._micro_batches("eval"):  # fillers: collectives only, counted nowhere
+        for micro in self.epochs["eval"](0):  # fillers: collectives only, counted nowhere
             out = self.procedure.batch_loss(contexts[not micro.real], micro.batch)
             averager.add(out.metrics, batch_rows(micro.batch) * micro.real)
             rows += batch_rows(micro.batch) * micro.real
