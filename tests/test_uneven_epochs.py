@@ -77,7 +77,9 @@ HALVED = (dict(batch_size=2), dict(batch_size=4), [4, 1])  # 2 x batch 2 == 1 x 
 # With 5 rows (M batches of the epoch, P = 2): "dpo" step 2 has one batch [row 4] on process 0
 # and none on process 1 (as its eval: 3 rows of batch 1, process 1 has [1] then none);
 # "accumulation": batch 1 x 2, process 1 has no micro-batch at all in step 2; "short_window":
-# batch 1 x 3, process 1's only step has 2 micro-batches and a filler.
+# batch 1 x 3, process 1's only step has 2 micro-batches and a filler; "resumed": "accumulation"
+# stopped after step 1 (a checkpoint in the middle of the epoch, before process 1's filler) and
+# resumed: bit for bit the uninterrupted run.
 CASES = {
     "dpo": (
         "train",
@@ -99,6 +101,13 @@ CASES = {
         dict(batch_size=1, gradient_accumulation_steps=3),
         dict(batch_size=6),
         [5, 5],
+    ),
+    "resumed": (
+        "train",
+        dict(max_steps=2, shuffle=False),
+        dict(batch_size=1, gradient_accumulation_steps=2),
+        dict(batch_size=4),
+        [4, 1],
     ),
     "sft": ("sft", dict(max_steps=2), *HALVED),
     "kto": ("train", dict(max_steps=2, method="kto"), *HALVED),
@@ -133,10 +142,12 @@ def configs(tiny_dir, tmp_path, processes: int) -> dict[str, dict]:
 def two_process_runs(tiny_dir, tmp_path_factory):
     """Every case on 2 processes, in one torchrun launch; returns the directory of the runs."""
     tmp_path = tmp_path_factory.mktemp("uneven")
-    runs = [
-        {"entry": CASES[name][0], "config": config}
-        for name, config in configs(tiny_dir, tmp_path, 2).items()
-    ]
+    runs = []
+    for name, config in configs(tiny_dir, tmp_path, 2).items():
+        if name == "resumed":  # stop after step 1 with a checkpoint, then resume to the end
+            runs.append({"entry": "train", "config": dict(config, max_steps=1, save_steps=1)})
+            config = dict(config, resume="true")
+        runs.append({"entry": CASES[name][0], "config": config})
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -171,8 +182,13 @@ def test_two_processes_train_every_row_once_and_equal_one(
         assert [r["rows"] for r in two_records if r["split"] == "eval"] == [3, 3]
     assert one_records[-2 if name == "dpo" else -1]["loss"] < one_records[0]["loss"] - 1e-3
     two_weights = final_weights(two_process_runs / f"{name}-2" / "final")
+    if name == "resumed":
+        uninterrupted = final_weights(two_process_runs / "accumulation-2" / "final")
+        assert all(torch.equal(two_weights[k], v) for k, v in uninterrupted.items())
     for key, value in final_weights(one.final_dir).items():
-        torch.testing.assert_close(two_weights[key], value, rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            two_weights[key], value, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 # ---- the slots of an epoch, one process's view ------------------------------------------------
