@@ -74,6 +74,16 @@ def check_field(key: str, value: Any, metadata: Mapping[str, Any]) -> Any:
     return converted
 
 
+def no_eval_data(what: str) -> str:
+    """The one line for an evaluation asked for (``what``) without held-out data: a careful user
+    who sets ``eval_steps`` expects evaluations, so it is refused rather than silently skipped."""
+    return (
+        f"{what} evaluates on held-out data, but the run has none: give eval_data=FILE (or "
+        "--eval-data FILE), or eval_fraction=0.1 to hold out a share of `data`; or unset "
+        "eval_steps"
+    )
+
+
 def check_combinations(config: Any, spec: MethodSpec) -> None:
     """The checks that involve several keys, the method or the file system (each key alone has
     passed :func:`check_field`)."""
@@ -90,6 +100,8 @@ def check_combinations(config: Any, spec: MethodSpec) -> None:
             f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
             f"({config.max_length}) so that every completion keeps at least one token"
         )
+    if config.eval_steps and not config.eval_data and not config.eval_fraction:
+        raise ConfigError(no_eval_data(f"eval_steps={config.eval_steps}"))
     if config.chat_template and not Path(config.chat_template).is_file():
         raise ConfigError(f"chat_template={config.chat_template!r}: no such file")
     dedicated = {"dtype", "torch_dtype", "attn_implementation", "trust_remote_code"}

@@ -25,6 +25,7 @@ and it shards a separate reference model too. Its sharding name is ``"fsdp2"``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -58,6 +59,42 @@ def init_processes():
     from accelerate import PartialState
 
     return PartialState(cpu=cpu_only_multiprocess())
+
+
+@contextlib.contextmanager
+def uneven_batches(accelerator):
+    """Data loaders prepared inside this block deal each batch of the data to ONE process and
+    repeat no row: accelerate's ``even_batches=False``, set back on exit.
+
+    accelerate's default (``even_batches=True``) completes the last batches of an epoch with rows
+    from its start, so that every process gets as many full batches: those rows are then trained
+    (and counted in metrics) twice. With this, a process may get one batch fewer (or none, with
+    fewer batches than processes) and a shorter last batch; the engine fills the missing ones
+    with weightless micro-batches (:func:`dpokit.accumulation.epoch_micro_batches`) so that every
+    process still joins every collective. Loaders read through ``gather_for_metrics`` (the
+    reference table) keep the default: it drops the repeated rows itself.
+    """
+    before = accelerator.even_batches
+    accelerator.even_batches = False
+    try:
+        yield
+    finally:
+        accelerator.even_batches = before
+
+
+def gather_rows(values: torch.Tensor, accelerator) -> torch.Tensor:
+    """``(N_0 + ... + N_{P-1}, ...)``: every process's ``(N_p, ...)`` ``values``, in process
+    order, where the ``N_p`` may differ (0 included; accelerate's ``gather`` needs equal shapes,
+    which the last batches of an uneven epoch do not have). One process: ``values``. A
+    collective: every process must call it."""
+    if accelerator.num_processes <= 1:
+        return values
+    count = torch.tensor([values.shape[0]], dtype=torch.int64, device=values.device)
+    counts = accelerator.gather(count).tolist()  # (P,)
+    padded = accelerator.pad_across_processes(values, dim=0)  # (max N_p, ...)
+    gathered = accelerator.gather(padded)  # (P * max N_p, ...)
+    width = padded.shape[0]
+    return torch.cat([gathered[p * width : p * width + n] for p, n in enumerate(counts)])
 
 
 def parameter_sharding(accelerator) -> str | None:

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from dpokit import accumulation as accum
 from dpokit import checkpoint as ckpt
-from dpokit.accumulation import accumulation_windows, micro_batch_sync, step_scale
 from dpokit.config import ConfigError, TrainConfig
+from dpokit.config_checks import no_eval_data
 from dpokit.data import DataConfig, train_eval_split
 from dpokit.data.packing import (
     LengthGroupedSampler,
@@ -32,12 +33,8 @@ from dpokit.data.packing import (
     padding_fraction,
     row_lengths,
 )
-from dpokit.distributed import build_accelerator, own_sharding, parameter_sharding
-from dpokit.faults import (
-    NonFiniteLossError,
-    all_finite,
-    explain_oom,
-)
+from dpokit.distributed import build_accelerator, own_sharding, parameter_sharding, uneven_batches
+from dpokit.faults import NonFiniteLossError, all_finite, explain_oom
 from dpokit.loop_state import LoopState, TrainResult
 from dpokit.losses import MethodSpec, get_method
 from dpokit.losses.options import option_settings
@@ -197,22 +194,32 @@ class Trainer:
         self.steps_per_epoch, self.max_steps = count_steps(
             config, len(self.train_loader), acc.num_processes
         )
+        batches, dataset = len(self.train_loader), self.train_data.dataset  # before sharding
         # Stepped by hand once per optimizer step (not prepared: accelerate would step it once
         # per process).
         self.scheduler = build_scheduler(config, self.optimizer, self.max_steps)
-        if self.sharded:  # dpokit's FSDP2 holds model and optimizer; accelerate shards the data
-            self.train_loader = acc.prepare(self.train_loader)
-        else:
-            self.policy, self.optimizer, self.train_loader = acc.prepare(
-                self.policy, self.optimizer, self.train_loader
-            )
+        with uneven_batches(acc):  # every row once per epoch: no row repeated to even batches
+            if self.sharded:  # dpokit's FSDP2 holds model and optimizer; accelerate shards data
+                self.train_loader = acc.prepare(self.train_loader)
+            else:
+                self.policy, self.optimizer, self.train_loader = acc.prepare(
+                    self.policy, self.optimizer, self.train_loader
+                )
+            # split -> (slots done -> this process's micro-batches, fillers last)
+            self.epochs = {
+                "train": accum.epoch_feed(self.train_loader, batches, dataset, self.collate, acc)
+            }
+            self.eval_loader = None
+            if self.eval_data is not None:
+                loader = self._loader(self.eval_data, False, config.eval_batch_size)
+                self.eval_loader = acc.prepare_data_loader(loader)
+                self.epochs["eval"] = accum.epoch_feed(
+                    self.eval_loader, len(loader), self.eval_data.dataset, self.collate, acc
+                )
         acc.register_for_checkpointing(self.scheduler)
-        self.eval_loader = None
-        if self.eval_data is not None:
-            loader = self._loader(self.eval_data, shuffle=False, batch_size=config.eval_batch_size)
-            self.eval_loader = acc.prepare_data_loader(loader)
 
-    def _context(self, split: str) -> StepContext:
+    def _context(self, split: str, filler: bool = False) -> StepContext:
+        """What a per-batch step needs for ``split`` (``filler``: a filler micro-batch's)."""
         policy_model = self.accelerator.unwrap_model(self.policy).model
         reference = self.references[split]
         reference_head = getattr(reference, "lm_head", None)
@@ -225,7 +232,8 @@ class Trainer:
             reference_head=reference_head,
             chunk_size=self.config.logps_chunk_size,
             accelerator=self.accelerator,
-            reward_baseline=self.reward_baseline.for_split(split),
+            reward_baseline=self.reward_baseline.for_split(split, filler),
+            filler=filler,
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ class Trainer:
         step, epoch, batches_done = self._resume(writer)
         if config.report_to != "none":
             acc.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
-        context = self._context("train")
+        context = (self._context("train"), self._context("train", filler=True))
         self.skipped_batches = 0  # non-finite batches skipped (nonfinite=skip); logged each step
         progress = tqdm(
             total=self.max_steps,
@@ -270,15 +278,14 @@ class Trainer:
             self.output_dir, final_dir, loop.step, loop.history, self.skipped_batches
         )
 
-    def _run_epoch(self, loop: LoopState, context: StepContext, writer, progress) -> None:
-        """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` batches), or until
-        ``max_steps``; every completed optimizer step is logged, evaluated and saved as set."""
+    def _run_epoch(self, loop: LoopState, context: tuple, writer, progress) -> None:
+        """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` slots), or until
+        ``max_steps``; every completed optimizer step is logged, evaluated and saved as set.
+        ``context``: the step contexts of real and of filler micro-batches."""
         config = self.config
         self.train_loader.set_epoch(loop.epoch)
-        loader = self.train_loader
-        if loop.batches_done:
-            loader = self.accelerator.skip_first_batches(self.train_loader, loop.batches_done)
-        for window in accumulation_windows(loader, config.gradient_accumulation_steps):
+        loader = self.epochs["train"](loop.batches_done)
+        for window in accum.accumulation_windows(loader, config.gradient_accumulation_steps):
             stepped, grad_norm = self._accumulate(loop, context, window)
             if not stepped:
                 continue
@@ -286,10 +293,7 @@ class Trainer:
             if self.reference_sync is not None:
                 self.reference_sync.after_step(loop.step)  # TR-DPO
             progress.update(1)
-            record = self._log(
-                loop.step, loop.averager, grad_norm, loop.tokens, loop.tick, writer, progress
-            )
-            loop.history.append(record)
+            loop.history.append(self._log(loop, grad_norm, writer, progress))
             loop.tokens, loop.tick = 0, time.perf_counter()
             if config.eval_steps and loop.step % config.eval_steps == 0:
                 loop.history.append(self.evaluate(loop.step, writer))
@@ -300,21 +304,23 @@ class Trainer:
         loop.epoch, loop.batches_done = loop.epoch + 1, 0
 
     def _accumulate(
-        self, loop: LoopState, context: StepContext, window: list[dict]
+        self, loop: LoopState, contexts: tuple[StepContext, StepContext], window: list
     ) -> tuple[bool, torch.Tensor | None]:
         """Forward and backward the micro-batches of one optimizer step, each weighted by its
-        share of the step's rows or tokens (:mod:`dpokit.accumulation`); then clip and step.
-        Returns (whether an optimizer step was taken, its grad norm)."""
-        acc, units = self.accelerator, [self.procedure.units(batch) for batch in window]
-        scale = step_scale(units, acc)
-        for i, batch in enumerate(window):
+        share of the step's rows or tokens, a filler by 0 (:mod:`dpokit.accumulation`); then
+        clip and step. Returns (whether an optimizer step was taken, its grad norm)."""
+        acc, units = self.accelerator, [self.procedure.units(m.batch) * m.real for m in window]
+        scale, loop.rows = accum.step_totals(
+            units, [batch_rows(m.batch) * m.real for m in window], acc
+        )
+        for i, micro in enumerate(window):
             loop.batches_done += 1
-            last = i == len(window) - 1
+            batch, last = micro.batch, i == len(window) - 1
             with (
                 explain_oom(self.config, loop.step + 1, batch, self.reference_mode),
-                micro_batch_sync(acc, self.policy, last),
+                accum.micro_batch_sync(acc, self.policy, last),
             ):
-                out = self.procedure.batch_loss(context, batch)
+                out = self.procedure.batch_loss(contexts[not micro.real], batch)
                 finite = all_finite(out.loss, acc)
                 if finite:
                     acc.backward(out.loss * (units[i] * scale))
@@ -322,12 +328,13 @@ class Trainer:
                 self._skip_batch(loop, batch, "loss")
                 loop.batches_done += len(window) - 1 - i
                 return False, None
-            loop.averager.add(out.metrics, count=batch_rows(batch))
-            loop.averager.add({"padding_fraction": padding_fraction(batch)}, batch_rows(batch))
-            loop.tokens += int(batch["attention_mask"].sum())
+            rows = batch_rows(batch) * micro.real  # a filler: 0, its metrics' names only
+            loop.averager.add(out.metrics, count=rows)
+            loop.averager.add({"padding_fraction": padding_fraction(batch)}, rows)
+            loop.tokens += int(batch["attention_mask"].sum()) * micro.real
         grad_norm = self._clip()
         if not all_finite(grad_norm, acc):
-            self._skip_batch(loop, window[-1], "gradient")
+            self._skip_batch(loop, window[-1].batch, "gradient")
             return False, None
         self.optimizer.step()
         self.scheduler.step()
@@ -364,8 +371,10 @@ class Trainer:
             return clip_grad_norm(self.policy.parameters(), max_norm)
         return self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm)
 
-    def _log(self, step, averager, grad_norm, tokens, tick, writer, progress) -> dict:
-        record = {"step": step, "split": "train", **averager.mean(self.accelerator)}
+    def _log(self, loop: LoopState, grad_norm, writer, progress) -> dict:
+        step, tokens, tick = loop.step, loop.tokens, loop.tick
+        record = {"step": step, "split": "train", **loop.averager.mean(self.accelerator)}
+        record["rows"] = loop.rows  # of the step, all processes: each row once per epoch
         record["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
         record["skipped_batches"] = self.skipped_batches
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -385,14 +394,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int, writer: MetricsWriter | None = None) -> dict:
-        """Loss, reward accuracy and margins on the held-out split, over all processes."""
-        context = self._context("eval")
+        """Loss, reward accuracy and margins on the held-out split, over all processes (each
+        row once). Raises :class:`ConfigError` when the run has no held-out data."""
+        if self.eval_loader is None:
+            raise ConfigError(no_eval_data("evaluate()"))
+        contexts = (self._context("eval"), self._context("eval", filler=True))
         self.policy.eval()
-        averager = MetricAverager()
-        for batch in self.eval_loader:
-            averager.add(self.procedure.batch_loss(context, batch).metrics, batch_rows(batch))
+        averager, rows = MetricAverager(), 0
+        for micro in self.epochs["eval"](0):  # fillers: collectives only, counted nowhere
+            out = self.procedure.batch_loss(contexts[not micro.real], micro.batch)
+            averager.add(out.metrics, batch_rows(micro.batch) * micro.real)
+            rows += batch_rows(micro.batch) * micro.real
         self.policy.train()
         record = {"step": step, "split": "eval", **averager.mean(self.accelerator)}
+        record["rows"] = int(accum.process_sum([rows], self.accelerator)[0])  # each eval row once
         if writer is not None:
             writer.write(record)
         if self.is_main:

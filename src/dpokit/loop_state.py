@@ -29,13 +29,15 @@ class TrainResult:
 
 @dataclass
 class LoopState:
-    """Where the loop is: optimizer steps taken, epoch, batches of the epoch consumed, and what
-    has been gathered since the last logged step (metrics, tokens, start time)."""
+    """Where the loop is: optimizer steps taken, epoch, micro-batch slots of the epoch consumed
+    (fillers included, :mod:`dpokit.accumulation`), and what has been gathered since the last
+    logged step (metrics, tokens, start time; ``rows``: the last step's rows, all processes)."""
 
     step: int
     epoch: int
     batches_done: int
     averager: MetricAverager = field(default_factory=MetricAverager)
     tokens: int = 0
+    rows: int = 0
     tick: float = field(default_factory=time.perf_counter)
     history: list[dict] = field(default_factory=list)

@@ -63,12 +63,16 @@ class MetricAverager:
         self.differences: dict[str, Difference] = {}
 
     def add(self, metrics: dict, count: float = 1) -> None:
-        """Add one micro-batch's metrics; ``count``: the rows a plain scalar is a mean over."""
+        """Add one micro-batch's metrics; ``count``: the rows a plain scalar is a mean over.
+        ``count=0`` (a filler micro-batch, :mod:`dpokit.accumulation`) adds the names only, so
+        that a process whose step had no rows still joins :meth:`mean`'s all-reduce in step."""
         for name, value in metrics.items():
             if isinstance(value, Difference):
                 self.differences[name] = value
                 continue
             self.counts[name] += 0  # every process must know every name (collective below)
+            if not count:
+                continue
             if isinstance(value, Pooled):
                 total, weight = float(value.total), float(value.count)
             else:

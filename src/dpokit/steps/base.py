@@ -54,6 +54,9 @@ class StepContext:
         reward_baseline: for a method with a running reward baseline (BCO), the engine's view
             (:meth:`dpokit.steps.baseline.RewardBaselineHook.for_split`): called with the
             batch's LossInputs, it updates (training only) and returns the baseline; else None.
+        filler: the batch is a filler (:mod:`dpokit.accumulation`): a process with no rows left
+            in this slot of an uneven epoch runs it only to join the step's collectives; a step
+            that pools rows across processes (KTO's z0, the reward baseline) counts none of it.
     """
 
     spec: MethodSpec
@@ -65,6 +68,7 @@ class StepContext:
     chunk_size: int = 1024
     accelerator: object | None = None
     reward_baseline: Callable | None = None
+    filler: bool = False
 
 
 def batch_rows(batch: dict[str, torch.Tensor]) -> int:

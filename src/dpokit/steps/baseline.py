@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dpokit.distributed import gather_rows
 from dpokit.losses import LossInputs, MethodSpec, RewardBaseline
 
 logger = logging.getLogger("dpokit")
@@ -55,32 +56,36 @@ class RewardBaselineHook:
         """Whether the method reads a running baseline."""
         return self.state is not None
 
-    def observe(self, inputs: LossInputs, *, update: bool) -> float:
+    def observe(self, inputs: LossInputs, *, update: bool, filler: bool = False) -> float:
         """The baseline value for this micro-batch, after folding in its rewards when ``update``.
 
         The rewards (``(N,)``, from ``spec.baseline_rewards``) are gathered across processes so
-        that every process keeps the same mean. Non-finite rewards are not folded in (one NaN
-        would poison the mean for the rest of the run): the batch's loss is non-finite anyway
-        and the engine stops or skips it.
+        that every process keeps the same mean; the processes' N may differ (the last batches
+        of an epoch), and a ``filler`` micro-batch (:mod:`dpokit.accumulation`) gives none.
+        Non-finite rewards are not folded in (one NaN would poison the mean for the rest of the
+        run): the batch's loss is non-finite anyway and the engine stops or skips it.
         """
         if update:
             rewards = self.rewards_of(inputs, self.hyperparameters)
             if rewards is not None:
                 rewards = rewards.detach().reshape(-1)
-                if self.accelerator is not None and self.accelerator.num_processes > 1:
-                    rewards = self.accelerator.gather(rewards)
+                if filler:
+                    rewards = rewards[:0]
+                if self.accelerator is not None:
+                    rewards = gather_rows(rewards, self.accelerator)
                 if bool(torch.isfinite(rewards).all()):
                     self.state.update(rewards)
                 else:
                     logger.warning("non-finite rewards: the reward baseline keeps its value")
         return self.state.value
 
-    def for_split(self, split: str) -> BaselineView | None:
+    def for_split(self, split: str, filler: bool = False) -> BaselineView | None:
         """The view a per-batch step calls: updating for ``"train"``, read-only otherwise;
-        None when the method has no baseline."""
+        ``filler``: for filler micro-batches (they join the gather with no rewards). None when
+        the method has no baseline."""
         if not self.active:
             return None
-        return functools.partial(self.observe, update=split == "train")
+        return functools.partial(self.observe, update=split == "train", filler=filler)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"reward_baseline": {"mean", "count"}}`` to merge into the trainer state, or ``{}``."""

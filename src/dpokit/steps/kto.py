@@ -129,8 +129,10 @@ def kto_batch_loss(ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutp
     if estimate:
         with torch.no_grad():
             policy_mismatched = _score(ctx.policy, mismatched).logps.float()  # (B,)
+        # A filler joins the all-reduce with no pairs (:mod:`dpokit.accumulation`).
+        kept = slice(0, 0) if ctx.filler else slice(0, n)
         z0, unclamped = mismatched_kl_baseline(
-            policy_mismatched, reference_logps[n : 2 * n], ctx.accelerator
+            policy_mismatched[kept], reference_logps[n : 2 * n][kept], ctx.accelerator
         )
         inputs.kl_baseline = z0
         metrics["kl/mismatched"] = unclamped
