@@ -23,6 +23,7 @@ from transformers import AutoConfig
 
 from dpokit import checkpoint as ckpt
 from dpokit.accumulation import accumulation_windows, micro_batch_sync, step_scale
+from dpokit.allocator import map_large_allocations
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataConfig, train_eval_split
 from dpokit.data.packing import (
@@ -88,6 +89,8 @@ class Trainer:
         self.packing = resolve_packing(config, self.spec, self.procedure)
         self.output_dir = Path(config.output_dir)
         self.accelerator = build_accelerator(config)
+        if config.gradient_checkpointing and self.accelerator.device.type == "cpu":
+            map_large_allocations()  # memory over speed: freed activations leave the RSS
         self.sharded = own_sharding(config, self.accelerator)  # dpokit's FSDP2 (dpokit.sharding)
         self.sharding = "fsdp2" if self.sharded else parameter_sharding(self.accelerator)
         self.reward_baseline = RewardBaselineHook(self.spec, self.hyperparameters, self.accelerator)
