@@ -91,7 +91,25 @@ def worker(spec: dict) -> None:
             result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     except ImportError:
         pass
+    result.update(process_memory_mb())
     print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+def process_memory_mb() -> dict:
+    """This process's peak resident (VmHWM) and peak virtual (VmPeak) memory in MB, from
+    /proc/self/status (Linux; empty elsewhere). VmPeak is what an address-space cap
+    (RLIMIT_AS, see bench_memory.py) limits."""
+    names = {"VmHWM": "vm_hwm_mb", "VmPeak": "vm_peak_mb"}
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in names:
+            out[names[key]] = int(value.split()[0]) / 1024  # kB
+    return out
 
 
 def matmul_peak(seconds: float = 4.0, n: int = 2048) -> float:

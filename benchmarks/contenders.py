@@ -87,8 +87,11 @@ def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
 # TRL
 
 
-def run_trl(work: dict, steps: int, precompute: bool, scratch: Path) -> dict:
-    """TRL's DPOTrainer: fp32, no gradient checkpointing, sequential sampling, same batch."""
+def run_trl(
+    work: dict, steps: int, precompute: bool, scratch: Path, overrides: dict | None = None
+) -> dict:
+    """TRL's DPOTrainer: fp32, no gradient checkpointing, sequential sampling, same batch;
+    ``overrides`` (DPOConfig field -> value) change any of these settings."""
     import datasets
     import torch
     from transformers import AutoTokenizer, TrainerCallback
@@ -112,7 +115,7 @@ def run_trl(work: dict, steps: int, precompute: bool, scratch: Path) -> dict:
     dataset = datasets.load_dataset(
         "json", data_files=work["data"], split="train", cache_dir=str(scratch / "hf")
     )
-    args = DPOConfig(
+    settings = dict(
         output_dir=str(scratch / "run"),
         beta=BETA,
         per_device_train_batch_size=work["batch_size"],
@@ -137,6 +140,8 @@ def run_trl(work: dict, steps: int, precompute: bool, scratch: Path) -> dict:
         model_init_kwargs={"dtype": torch.float32},
         seed=42,
     )
+    settings.update(overrides or {})
+    args = DPOConfig(**settings)
     trainer = DPOTrainer(
         model=work["model"],
         args=args,
@@ -237,7 +242,8 @@ def run_plain(work: dict, steps: int, scratch: Path) -> dict:
 
 
 def run(name: str, work: dict, steps: int, overrides: dict) -> dict:
-    """Run contender ``name`` in this process in a scratch directory of its own."""
+    """Run contender ``name`` in this process in a scratch directory of its own. ``overrides``
+    are dpokit config keys for dpokit, DPOConfig fields for TRL (the plain loop takes none)."""
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
         scratch = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(scratch / "hf")  # no cache hits across runs
@@ -245,9 +251,9 @@ def run(name: str, work: dict, steps: int, overrides: dict) -> dict:
         if name == "dpokit":
             return run_dpokit(work, steps, overrides, scratch)
         if name == "trl_precomputed":
-            return run_trl(work, steps, True, scratch)
+            return run_trl(work, steps, True, scratch, overrides)
         if name == "trl_online":
-            return run_trl(work, steps, False, scratch)
+            return run_trl(work, steps, False, scratch, overrides)
         if name == "plain":
             return run_plain(work, steps, scratch)
     raise ValueError(f"unknown contender {name!r}")

@@ -34,6 +34,12 @@ class Shape:
     prompt_tokens: tuple[int, int] = (6, 14)  # inclusive range, uniform
     completion_tokens: tuple[int, int] = (140, 200)  # inclusive range, uniform, includes EOS
     pairs_per_step: int = 4
+    # Model-only settings (the tokenizer keeps ``vocab_size`` entries either way).
+    model_vocab_size: int | None = None  # embedding rows; None: the tokenizer's length
+    tie_word_embeddings: bool = False
+    rope_theta: float | None = None  # None: the architecture's default
+    rms_norm_eps: float | None = None
+    max_position_embeddings: int = 4096
 
     @property
     def max_length(self) -> int:
@@ -50,6 +56,29 @@ PRESETS = {
     "long": Shape("long", prompt_tokens=(8, 96), completion_tokens=(256, 512)),
     # Long contexts, short answers (retrieval, summarisation): where sharing the prompt pays.
     "long_prompt": Shape("long_prompt", prompt_tokens=(256, 512), completion_tokens=(32, 128)),
+    # Qwen2.5-0.5B's width and vocabulary with 2 of its 24 layers (benchmarks/bench_memory.py sets
+    # the completion length). Numbers from https://huggingface.co/Qwen/Qwen2.5-0.5B config.json:
+    # hidden_size 896, intermediate_size 4864, 14 heads, 2 KV heads, vocab_size 151936, tied
+    # embeddings, rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 32768. The tokenizer
+    # is the benchmark's 32k BPE: the model's 151,936-row head is what costs memory, as in Qwen,
+    # whose own tokenizer also has fewer entries (151,665) than its embedding has rows.
+    "qwen2.5-0.5b": Shape(
+        "qwen2.5-0.5b",
+        arch="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=2,
+        num_heads=14,
+        num_kv_heads=2,
+        model_vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        prompt_tokens=(64, 64),
+        completion_tokens=(1024, 1024),
+        pairs_per_step=1,
+    ),
 }
 
 _CONSONANTS = "bcdfghjklmnprstvwz"
@@ -82,19 +111,25 @@ def build_tokenizer(vocab_size: int, save_dir: Path, seed: int = 0):
 def build_model(shape: Shape, tokenizer, save_dir: Path, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    extra = {}
+    if shape.rope_theta is not None:
+        extra["rope_theta"] = shape.rope_theta
+    if shape.rms_norm_eps is not None:
+        extra["rms_norm_eps"] = shape.rms_norm_eps
     config = AutoConfig.for_model(
         shape.arch,
-        vocab_size=len(tokenizer),
+        vocab_size=shape.model_vocab_size or len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=shape.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -222,6 +222,22 @@ class TrainConfig:
     logps_saved_softmax_mb: int = _key(
         512, "memory", "LM-head softmax kept for backward, not recomputed; 0: none", low=0
     )
+    decoder_pass_tokens: int | None = _key(
+        8192,
+        "memory",
+        "the decoder runs rows in groups of at most this many tokens (a longer row alone); "
+        "with gradient checkpointing one group's layer is recomputed at a time. None: one pass",
+        low=1,
+        optional=True,
+    )
+    mlp_chunk_tokens: int | None = _key(
+        2048,
+        "memory",
+        "with gradient checkpointing, each layer's MLP runs over chunks of this many positions, "
+        "recomputed one chunk at a time in backward (dpokit.mlp_chunks). None: whole rows",
+        low=1,
+        optional=True,
+    )
 
     # Speed (the measurements behind these defaults: PERFORMANCE.md)
     packing: str = _key(

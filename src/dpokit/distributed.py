@@ -33,9 +33,29 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 
+from dpokit.allocator import map_large_allocations
 from dpokit.config import ConfigError
 
 logger = logging.getLogger("dpokit")
+
+
+def _has_gpu() -> bool:
+    if getattr(torch, "accelerator", None) is not None:
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def refuse_deepspeed_on_cpu() -> None:
+    """Raise ConfigError when ``accelerate launch`` asked for DeepSpeed on a machine without a
+    GPU: accelerate 1.15 enables DeepSpeed only off CPU and would train as plain DDP, unsharded
+    and unsaid (or fail with a traceback when deepspeed is not installed)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or _has_gpu():
+        return
+    raise ConfigError(
+        "a DeepSpeed accelerate config on a machine without a GPU: accelerate does not enable "
+        "DeepSpeed on CPU and would train as plain DDP, unsharded. Use sharding=fsdp (dpokit's "
+        "FSDP2 runs on CPU) or configs/accelerate/ddp.yaml"
+    )
 
 
 def cpu_only_multiprocess() -> bool:
@@ -47,10 +67,7 @@ def cpu_only_multiprocess() -> bool:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return False
-    has_accelerator = getattr(torch, "accelerator", None)
-    if has_accelerator is not None:
-        return not torch.accelerator.is_available()
-    return not torch.cuda.is_available()
+    return not _has_gpu()
 
 
 def init_processes():
@@ -192,7 +209,14 @@ def log_sharded_plan(sharding: str | None, reference_mode: str) -> None:
 def build_accelerator(config) -> Accelerator:
     """The run's ``Accelerator`` from its :class:`~dpokit.config.TrainConfig`: mixed precision
     (``auto``: bf16 on a GPU that has it, else none), gradient accumulation, trackers, and a
-    seedable sampler so data order follows ``config.seed`` on every process."""
+    seedable sampler so data order follows ``config.seed`` on every process. With gradient
+    checkpointing on a machine without a GPU, freed CPU tensors go back to the OS from here on
+    (:func:`dpokit.allocator.map_large_allocations`: the user chose memory over speed). Raises
+    ConfigError for a DeepSpeed launch on a machine without a GPU
+    (:func:`refuse_deepspeed_on_cpu`)."""
+    refuse_deepspeed_on_cpu()
+    if config.gradient_checkpointing and not _has_gpu():
+        map_large_allocations()  # memory over speed: freed activations leave the resident set
     mixed_precision = config.mixed_precision
     if mixed_precision == "auto":
         bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -372,15 +372,8 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm)
 
     def _log(self, loop: LoopState, grad_norm, writer, progress) -> dict:
-        step, tokens, tick = loop.step, loop.tokens, loop.tick
-        record = {"step": step, "split": "train", **loop.averager.mean(self.accelerator)}
-        record["rows"] = loop.rows  # of the step, all processes: each row once per epoch
-        record["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
-        record["skipped_batches"] = self.skipped_batches
-        record["lr"] = self.scheduler.get_last_lr()[0]
-        record["tokens_per_second"] = (
-            tokens * self.accelerator.num_processes / max(time.perf_counter() - tick, 1e-9)
-        )
+        step, lr = loop.step, self.scheduler.get_last_lr()[0]
+        record = loop.train_record(self.accelerator, grad_norm, lr, self.skipped_batches)
         if step % self.config.logging_steps == 0 or step == self.max_steps:
             writer.write(record)
             if self.config.report_to != "none":

@@ -41,3 +41,19 @@ class LoopState:
     rows: int = 0
     tick: float = field(default_factory=time.perf_counter)
     history: list[dict] = field(default_factory=list)
+
+    def train_record(self, accelerator, grad_norm, lr: float, skipped_batches: int) -> dict:
+        """The ``metrics.jsonl`` record of the step just taken: the metrics pooled over its
+        micro-batches and processes, its rows, grad norm, learning rate, skipped batches and
+        tokens per second (all processes) since the last record."""
+        seconds = max(time.perf_counter() - self.tick, 1e-9)
+        return {
+            "step": self.step,
+            "split": "train",
+            **self.averager.mean(accelerator),
+            "rows": self.rows,  # of the step, all processes: each row once per epoch
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "skipped_batches": skipped_batches,
+            "lr": lr,
+            "tokens_per_second": self.tokens * accelerator.num_processes / seconds,
+        }

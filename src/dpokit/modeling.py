@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from dpokit.config import ConfigError
 from dpokit.distributed import no_split_modules
 from dpokit.logprobs import CompletionScorer
+from dpokit.mlp_chunks import chunk_mlps
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +186,13 @@ def load_model(
     gradient_checkpointing: bool = False,
     disable_dropout: bool = False,
     loading: Mapping[str, Any] | None = None,
+    mlp_chunk_tokens: int | None = None,
 ):
     """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards).
+
+    ``gradient_checkpointing``: layers recompute their activations in backward, and with
+    ``mlp_chunk_tokens`` their MLPs do so one chunk of positions at a time
+    (:func:`dpokit.mlp_chunks.chunk_mlps`).
 
     ``disable_dropout``: built with its config's drop probabilities at 0 and then passed
     through :func:`switch_off_dropout` (see there), so it trains without dropout.
@@ -206,6 +212,8 @@ def load_model(
     model.config.use_cache = False  # no KV cache in training forwards
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mlp_chunk_tokens is not None:
+            chunk_mlps(model, mlp_chunk_tokens)
     return model
 
 
@@ -241,6 +249,7 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
         config.gradient_checkpointing,
         disable_dropout=config.disable_dropout,
         loading=loading_kwargs(config),
+        mlp_chunk_tokens=config.mlp_chunk_tokens,
     )
     if config.lora:  # after disable_dropout: the adapter's lora_dropout is the user's setting
         model = apply_lora(
@@ -257,6 +266,7 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
         chunk_size=config.logps_chunk_size,
         fast=False if sharding else None,
         saved_softmax_mb=config.logps_saved_softmax_mb,
+        pass_tokens=config.decoder_pass_tokens,
     )
     if sharding == "fsdp":  # accelerate's auto-wrap reads the layer classes off it
         policy._no_split_modules = no_split_modules(model)

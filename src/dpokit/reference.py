@@ -251,7 +251,11 @@ class ReferenceBuilder:
             disable_dropout=self.config.disable_dropout,
             loading=loading_kwargs(self.config),
         )
-        scorer = CompletionScorer(model, chunk_size=self.config.logps_chunk_size)
+        scorer = CompletionScorer(
+            model,
+            chunk_size=self.config.logps_chunk_size,
+            pass_tokens=self.config.decoder_pass_tokens,
+        )
         if self.sharding == "fsdp2":  # dpokit's FSDP2 shards the reference too (forward only)
             model.requires_grad_(False)
             shard_scorer(scorer, model, self.accelerator.device.type)

@@ -18,17 +18,19 @@ inputs). Models whose logits are not ``hidden @ W.T + b`` (Gemma2's soft-capping
 
 Modules: :mod:`~dpokit.logprobs.kernels` (the autograd Functions of step 3),
 :mod:`~dpokit.logprobs.scorer` (steps 1-2 and the exact fallback, :class:`CompletionScorer`) and
-:mod:`~dpokit.logprobs.sequence_kl` (TDPO's per-sequence KL). The attention mask of packed rows
+:mod:`~dpokit.logprobs.sequence_kl` (TDPO's per-sequence KL), :mod:`~dpokit.logprobs.passes`
+(decoder passes over groups of rows) and :mod:`~dpokit.logprobs.naive` (the full-logits value
+tests check against). The attention mask of packed rows
 lives with the packing code, :func:`dpokit.data.packing.packed_attention_mask`.
 """
 
 from dpokit.data.packing import packed_attention_mask
 from dpokit.logprobs.kernels import SoftmaxWorkspace, chunked_token_kl, chunked_token_logps
+from dpokit.logprobs.naive import full_logits_logps
 from dpokit.logprobs.scorer import (
     SCORER_KEYS,
     CompletionScorer,
     ScoreOutput,
-    full_logits_logps,
     scorer_kwargs,
 )
 from dpokit.logprobs.sequence_kl import sequence_kl_from_hidden

@@ -116,9 +116,14 @@ class SoftmaxWorkspace:
     page) on every step, which costs a fifth of the head's forward matmul; a kept buffer does
     not. One graph holds it at a time: taken in forward, given back in backward, or when the
     graph that took it is freed unused. A forward while it is held gets fresh memory instead.
+
+    ``keep=False`` lets go of the buffer when it is given back: kept, it would sit idle through
+    the rest of backward and the optimizer step, adding its size (rows x V x 4 bytes: 311 MB for
+    512 tokens of a 152k vocabulary) to the step's peak, which a memory-bound run cannot spare.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self._buffer: Tensor | None = None
         self._holder = None  # weakref to the token of the graph that holds the buffer
 
@@ -142,6 +147,8 @@ class SoftmaxWorkspace:
         """Release the buffer held by ``token``'s graph (a stale token is ignored)."""
         if self._holder is not None and self._holder() is token:
             self._holder = None
+            if not self.keep:
+                self._buffer = None  # freed with the graph's saved exps, at the end of backward
 
 
 class _Token:

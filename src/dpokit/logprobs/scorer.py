@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from dpokit.data.packing import packed_attention_masks
 from dpokit.logprobs.kernels import SoftmaxWorkspace, chunked_token_logps, sum_per_row
+from dpokit.logprobs.passes import row_groups, rows_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ __all__ = [
     "SCORER_KEYS",
     "CompletionScorer",
     "ScoreOutput",
-    "full_logits_logps",
     "scorer_kwargs",
 ]
 
@@ -114,6 +114,11 @@ def _fast_path_blocker(model: nn.Module) -> str | None:
     return _head_problem(model.get_output_embeddings())
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """True if any submodule of ``model`` has transformers' gradient checkpointing switched on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _scored_positions(completion_mask: Tensor, attention_mask: Tensor | None) -> Tensor:
     """(N, T) completion mask -> (N, T-1) mask of the hidden positions that predict a token.
 
@@ -170,8 +175,21 @@ class CompletionScorer(nn.Module):
             numeric check); False = always use the exact path.
         saved_softmax_mb: fast path, with gradients: keep up to this many MB of completion-token
             softmax (fp32, 4 x V bytes per token) from forward for backward instead of
-            recomputing those logits; 0 keeps none (the least memory).
+            recomputing those logits; 0 keeps none (the least memory). Held in a buffer reused
+            across steps, unless the model has gradient checkpointing on: then the buffer is
+            freed after each backward (:class:`~dpokit.logprobs.kernels.SoftmaxWorkspace`).
+        pass_tokens: fast path: run the decoder over consecutive groups of rows of at most this
+            many tokens each (a longer row alone), each cut after its last scored position,
+            instead of all rows at once (None). The same log-probs; with gradient checkpointing
+            the layer being recomputed in backward holds one group's activations
+            (:mod:`dpokit.logprobs.passes`).
+
+    Raises:
+        ValueError: ``fast=True`` for a model the fast path cannot score; ``pass_tokens`` < 1.
     """
+
+    # Scored positions the one-time fast-path check compares (_verify_fast_path).
+    verify_positions = 64
 
     def __init__(
         self,
@@ -179,12 +197,17 @@ class CompletionScorer(nn.Module):
         chunk_size: int = 1024,
         fast: bool | None = None,
         saved_softmax_mb: int = 0,
+        pass_tokens: int | None = None,
     ):
         super().__init__()
+        if pass_tokens is not None and pass_tokens < 1:
+            raise ValueError(f"pass_tokens must be >= 1 or None, got {pass_tokens}")
         self.model = model
         self.chunk_size = chunk_size
         self.saved_softmax_mb = saved_softmax_mb
-        self._workspace = SoftmaxWorkspace()
+        self.pass_tokens = pass_tokens
+        # Gradient checkpointing says memory is short: then the softmax buffer is not kept.
+        self._workspace = SoftmaxWorkspace(keep=not _checkpointing(model))
         blocker = _fast_path_blocker(model)
         if fast and blocker is not None:
             raise ValueError(f"fast=True but the fast path cannot score this model: {blocker}")
@@ -322,10 +345,20 @@ class CompletionScorer(nn.Module):
         return {"attention_mask": mask, "position_ids": position_ids}
 
     def _completion_hidden(self, input_ids, scored, model_kwargs) -> Tensor:
-        """Fast path: decoder only, then the hidden states that predict completion tokens. (M, H)"""
-        out = self.model.get_decoder()(input_ids=input_ids, use_cache=False, **model_kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[:, :-1][scored]  # (N, T, H) -> (M, H)
+        """Fast path: decoder only, then the hidden states that predict completion tokens. (M, H)
+
+        One decoder pass per group of rows (:func:`~dpokit.logprobs.passes.row_groups`); the
+        groups' states are concatenated in row order, as one pass would give them.
+        """
+        decoder = self.model.get_decoder()
+        total = input_ids.shape[0]
+        parts = []
+        for rows, cut in row_groups(scored, self.pass_tokens):
+            kwargs = {k: rows_prefix(v, rows, cut, total) for k, v in model_kwargs.items()}
+            out = decoder(input_ids=input_ids[rows, :cut], use_cache=False, **kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            parts.append(hidden[:, :-1][scored[rows, : cut - 1]])  # (n, cut, H) -> (m, H)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _completion_logits(self, input_ids, scored, model_kwargs) -> Tensor:
         """Exact path: the full model's logits at the completion positions only. (M, V)"""
@@ -341,22 +374,29 @@ class CompletionScorer(nn.Module):
 
     @torch.no_grad()
     def _verify_fast_path(self, input_ids, scored, model_kwargs) -> None:
-        """Once: compare fast and exact log-probs on one row; switch to exact if they differ.
+        """Once: compare fast and exact log-probs on the first ``verify_positions`` scored
+        positions of one row; switch to exact if they differ.
 
         Catches logit transforms that no config field announces. Runs in eval mode (no dropout).
+        Only the row's prefix up to those positions runs: under causal attention its hidden
+        states are those of the whole row, and the exact path's (positions, V) logits stay small
+        (a whole row of 4k tokens would be 2.5 GB of fp32 logits with a 152k vocabulary).
         """
-        rows = scored.any(dim=1).nonzero()
-        if len(rows) == 0:
+        hits = scored.any(dim=1).nonzero()
+        if len(hits) == 0:
             return
-        r = slice(int(rows[0]), int(rows[0]) + 1)
-
-        def one(t):  # a tensor, None, or a packed {layer type: mask} dict
-            if isinstance(t, dict):
-                return {kind: one(m) for kind, m in t.items()}
-            return t[r] if t is not None and t.shape[0] == scored.shape[0] else t
-
-        args = (one(input_ids), scored[r], {k: one(v) for k, v in model_kwargs.items()})
-        targets = input_ids[r, 1:][scored[r]]
+        row = int(hits[0])
+        positions = scored[row].nonzero()[:, 0]
+        # Position p predicts token p+1: the prefix needs tokens 0..p+1.
+        cut = int(positions[min(len(positions), self.verify_positions) - 1]) + 2
+        rows = slice(row, row + 1)
+        total = scored.shape[0]
+        args = (
+            input_ids[rows, :cut],
+            scored[rows, : cut - 1],
+            {k: rows_prefix(v, rows, cut, total) for k, v in model_kwargs.items()},
+        )
+        targets = args[0][:, 1:][args[1]]
         with _eval_mode(self.model):
             head = self.head
             hidden = self._completion_hidden(*args)
@@ -397,26 +437,3 @@ def scorer_kwargs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The optional layout arguments of :class:`CompletionScorer` (``position_ids`` and the
     packed-row keys of :mod:`dpokit.data.packing`) that a collated batch carries."""
     return {key: batch[key] for key in SCORER_KEYS if batch.get(key) is not None}
-
-
-def full_logits_logps(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    completion_mask: Tensor,
-    position_ids: Tensor | None = None,
-) -> Tensor:
-    """The naive reference: full (N, T, V) logits, log_softmax, gather, masked sum. (N,) fp32.
-
-    Used by tests and benchmarks to check :class:`CompletionScorer`; do not train with it.
-    """
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).logits  # (N, T, V)
-    logp = logits[:, :-1].float().log_softmax(dim=-1)  # (N, T-1, V): position t predicts t+1
-    token_logp = logp.gather(2, input_ids[:, 1:, None]).squeeze(2)  # (N, T-1)
-    mask = completion_mask[:, 1:].bool()
-    return token_logp.masked_fill(~mask, 0.0).sum(dim=1)

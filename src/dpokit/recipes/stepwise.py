@@ -207,7 +207,10 @@ def reference_margins(config: TrainConfig, prepared, tokenizer) -> np.ndarray:
     """(N,) ref(y_w) - ref(y_l) of every prepared row under the starting model, in fp32."""
     device = PartialState().device
     model = load_model(config.model, resolve_dtype(config.dtype), loading=loading_kwargs(config))
-    reference = FrozenReference(CompletionScorer(model, chunk_size=config.logps_chunk_size))
+    scorer = CompletionScorer(
+        model, chunk_size=config.logps_chunk_size, pass_tokens=config.decoder_pass_tokens
+    )
+    reference = FrozenReference(scorer)
     reference.scorer.to(device)
     loader = DataLoader(
         prepared.dataset,
