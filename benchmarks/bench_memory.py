@@ -189,7 +189,7 @@ def _cell(record: dict) -> str:
         return f"{record['peak_rss_mb'] / 1024:.2f} | {timing}"
     if status == "OOM":
         return f"OOM (> {record['cap_gib']:g} GiB) | -"
-    return f"{status} | -"
+    return f"{status or 'not run'} | -"
 
 
 def markdown(results: dict, meta: dict) -> str:
