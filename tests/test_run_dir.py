@@ -124,6 +124,9 @@ def test_a_changed_config_resume_is_refused_with_the_keys_that_differ(tiny_dir, 
 def test_keys_that_cannot_change_the_past_may_change_on_resume(tiny_dir, data, tmp_path):
     run_dir = tmp_path / "run"
     free = dict(logging_steps=2, save_total_limit=1, num_proc=1, report_to="none", progress=False)
+    # memory knobs (what a user turns after an out-of-memory): the same math to float rounding
+    free.update(gradient_checkpointing=True, logps_chunk_size=3, logps_saved_softmax_mb=0)
+    free.update(decoder_pass_tokens=5, mlp_chunk_tokens=2)
     train(config_for(tiny_dir, data, run_dir, max_steps=2, save_steps=2))
     resumed = train(config_for(tiny_dir, data, run_dir, max_steps=4, resume=True, **free))
     assert resumed.global_step == 4

@@ -18,7 +18,8 @@ SLiC's ``reference_samples/``.)
 
 Keys that cannot change the past (:data:`FREE_KEYS`: ``max_steps``/``num_epochs``, the logging,
 eval and save cadence, ``save_total_limit``, ``progress``, ``num_proc``, ``report_to``, output
-paths, ``merge_lora``) may change on resume. Paths are compared by what they hold, not by name:
+paths, ``merge_lora``, and the memory knobs: ``gradient_checkpointing``, ``logps_chunk_size``,
+``logps_saved_softmax_mb``, ``decoder_pass_tokens``, ``mlp_chunk_tokens``) may change on resume. Paths are compared by what they hold, not by name:
 the weights' identity (:func:`weights_identity`) and the data's fingerprint, so a copied run
 directory still resumes. The learning-rate schedule is compared as resolved: the warm-up steps
 and, for a decaying schedule (``linear``, ``cosine``), its horizon, since a linear schedule's
@@ -81,6 +82,12 @@ FREE_KEYS = frozenset(
         "merge_lora",
         "resume",
         "overwrite",
+        # Memory knobs: the same math to float rounding, and what a user turns after an OOM.
+        "gradient_checkpointing",
+        "logps_chunk_size",
+        "logps_saved_softmax_mb",
+        "decoder_pass_tokens",
+        "mlp_chunk_tokens",
     }
 )
 # Compared by content (weights identity, data fingerprint), not by name; or resolved (warm-up).
