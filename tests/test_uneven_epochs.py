@@ -7,7 +7,7 @@ the eval loss counted an eval row twice). dpokit deals each batch to one process
 process with no batch left a weightless filler that only joins the collectives
 (:mod:`dpokit.accumulation`). Each run below on 2 processes (one torchrun launch,
 tests/uneven_runs.py) must equal one process with the global batch: losses at every step and
-final weights to 1e-5, and the rows of each step (``rows`` in metrics.jsonl) those of the data.
+final weights to 1e-4 (see the test), and the rows of each step (``rows`` in metrics.jsonl) those of the data.
 """
 
 from __future__ import annotations
@@ -185,9 +185,12 @@ def test_two_processes_train_every_row_once_and_equal_one(
     if name == "resumed":
         uninterrupted = final_weights(two_process_runs / "accumulation-2" / "final")
         assert all(torch.equal(two_weights[k], v) for k, v in uninterrupted.items())
+    # Weights to 1e-4, not 1e-5: AdamW divides by sqrt(v) + eps, so an element whose gradient
+    # is ~0 moves by up to lr x O(1) on float noise (seen once: 1.1e-5 at lr 0.01). The bug this
+    # guards against (a row trained twice) moves the losses above by ~5e-3.
     for key, value in final_weights(one.final_dir).items():
         torch.testing.assert_close(
-            two_weights[key], value, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+            two_weights[key], value, rtol=0, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}"
         )
 
 
