@@ -21,7 +21,7 @@ from dpokit.generation import (
     generate_completions,
     generate_text,
     left_pad,
-    row_uniforms,
+    row_streams,
     strip_end,
 )
 from dpokit.tiny import build_tiny_model, build_tiny_tokenizer
@@ -119,14 +119,13 @@ def test_a_prompts_sample_depends_on_its_key_not_on_batching(tiny_model, tiny_to
 def test_row_sampler_draws_from_the_tempered_nucleus():
     """Frequencies over 40000 streams vs the distribution worked out by hand (4.5 sigma)."""
     logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).expand(40000, 4)
-    uniforms = row_uniforms(0, range(40000), 1)
     cases = [  # temperature, top_p, expected probabilities
         (1.0, 1.0, [0.1, 0.2, 0.3, 0.4]),
         (0.5, 1.0, [1 / 30, 4 / 30, 9 / 30, 16 / 30]),  # p ** 2, renormalized
         (1.0, 0.6, [0.0, 0.0, 3 / 7, 4 / 7]),  # nucleus: 0.3 + 0.4 >= 0.6, renormalized
     ]
     for temperature, top_p, expected in cases:
-        sampler = RowSampler(uniforms, prompt_width=3, temperature=temperature, top_p=top_p)
+        sampler = RowSampler(row_streams(0, range(40000)), temperature, top_p)
         scores = sampler(torch.zeros((40000, 3), dtype=torch.long), logits.clone())
         assert (scores == 0).sum(dim=-1).tolist() == [1] * 40000  # exactly one token allowed
         counts = torch.bincount(scores.argmax(dim=-1), minlength=4).tolist()
@@ -135,28 +134,26 @@ def test_row_sampler_draws_from_the_tempered_nucleus():
             assert abs(count - 40000 * p) <= 4.5 * sigma + 1e-9, (temperature, top_p, counts)
 
 
-def test_sampled_tokens_are_the_inverse_cdf_of_the_models_distribution(tiny_model, tiny_tokenizer):
-    """Row 1 of a padded, cached batch, recomputed token by token from full forwards."""
+def test_sampled_tokens_are_the_exponential_race_of_the_models_distribution(
+    tiny_model, tiny_tokenizer
+):
+    """Row 1 of a padded, cached batch, recomputed token by token from full forwards and the
+    row's own stream: argmax_v p_v / E_v."""
     ids = encode_prompts(tiny_tokenizer, MIXED[:3])
     temperature, steps = 0.7, 5
     out = generate_completions(
         tiny_model, tiny_tokenizer, ids, max_new_tokens=steps, temperature=temperature, seed=11
     )
-    uniforms = row_uniforms(11, [1], steps + 1)[0].tolist()
+    (stream,) = row_streams(11, [1])
     sequence, expected = list(ids[1]), []
-    for step in range(steps):
+    for _ in range(steps):
         with torch.no_grad():
-            logits = tiny_model(torch.tensor([sequence])).logits[0, -1].double()
-        probs = torch.softmax(logits / temperature, dim=-1).tolist()
-        point, total, token = uniforms[step] * sum(probs), 0.0, None
-        for v, p in enumerate(probs):
-            total += p
-            if total > point:
-                token = v
-                break
-        expected.append(token)
-        sequence.append(token)
-        if token == tiny_tokenizer.eos_token_id:
+            logits = tiny_model(torch.tensor([sequence])).logits[0, -1]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=stream)
+        expected.append(int((probs / race).argmax()))
+        sequence.append(expected[-1])
+        if expected[-1] == tiny_tokenizer.eos_token_id:
             break
     assert out[1] == expected
 

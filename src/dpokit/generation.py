@@ -168,48 +168,42 @@ def stream_seed(seed: int, key: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def row_uniforms(seed: int, keys: Sequence[int], steps: int) -> torch.Tensor:
-    """(len(keys), steps) float64 uniforms in [0, 1): row i is stream ``(seed, keys[i])``."""
-    rows = []
-    for key in keys:
-        stream = torch.Generator().manual_seed(stream_seed(seed, key))
-        rows.append(torch.rand(steps, generator=stream, dtype=torch.float64))
-    return torch.stack(rows)
+def row_streams(seed: int, keys: Sequence[int], device: torch.device | str = "cpu") -> list:
+    """One ``torch.Generator`` on ``device`` per key: row i's random stream ``(seed, keys[i])``."""
+    return [torch.Generator(device).manual_seed(stream_seed(seed, key)) for key in keys]
 
 
 class RowSampler(LogitsProcessor):
-    """Ancestral sampling with one uniform per row and step, drawn from the row's own stream.
+    """Ancestral sampling in which row b draws all of its randomness from its own stream.
 
-    At decoding step t (0 = the first new token) row b takes the token whose cumulative
-    probability interval contains ``uniforms[b, t]`` (inverse-CDF sampling: token v with
-    probability p_v exactly), where p = softmax(logits / temperature) restricted to the nucleus
-    ``top_p`` (Transformers' ``TopPLogitsWarper``: the same nucleus as ``do_sample=True``). It
-    returns scores that are 0 for that token and -inf elsewhere, so greedy ``generate`` emits it.
+    Each step, p = softmax(logits / temperature) restricted to the nucleus ``top_p``
+    (Transformers' ``TopPLogitsWarper``: the same nucleus as ``do_sample=True``), and row b takes
+    argmax_v p_v / E_v with E_v ~ Exp(1) drawn from ``streams[b]`` -- the exponential race that
+    ``torch.multinomial`` runs for one sample, so token v comes with probability p_v exactly, and
+    two models sampled with the same streams (an evaluation's before and after) share their noise
+    and agree wherever their distributions do. It returns scores that are 0 for that token and
+    -inf elsewhere, so greedy ``generate`` emits it.
 
-    ``uniforms``: (B, S) float64, S >= the number of new tokens; ``prompt_width``: the padded
-    prompt length P (input_ids are (B, P + t) at step t); scores (B, V) in, (B, V) out.
+    ``streams``: B generators on the scores' device (:func:`row_streams`); scores (B, V) in,
+    (B, V) out; V exponentials per row and step.
     """
 
-    def __init__(self, uniforms: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+    def __init__(self, streams: list, temperature: float, top_p: float):
         if temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0 (got {temperature}); 0 is greedy")
-        self.uniforms = uniforms
-        self.prompt_width = prompt_width
+        self.streams = streams
         self.temperature = temperature
         self.nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        step = min(input_ids.shape[1] - self.prompt_width, self.uniforms.shape[1] - 1)
         scores = scores / self.temperature
         if self.nucleus is not None:
             scores = self.nucleus(input_ids, scores)
-        probs = torch.softmax(scores.double(), dim=-1)  # (B, V); float64: exact over big vocabs
-        cdf = probs.cumsum(dim=-1)
-        point = self.uniforms[:, step : step + 1].to(cdf.device) * cdf[:, -1:]  # (B, 1)
-        choice = torch.searchsorted(cdf, point, right=True)  # first v with cdf[v] > point
-        # Rounding can put the point at the total mass: never step past the last possible token.
-        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-        choice = torch.minimum(choice, last)
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, V); 0 outside the nucleus
+        race = torch.empty_like(probs)
+        for row, stream in zip(race, self.streams, strict=True):
+            row.exponential_(generator=stream)
+        choice = (probs / race).argmax(dim=-1, keepdim=True)  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
@@ -285,10 +279,9 @@ def generate_completions(
         for batch in tqdm(plan, desc=progress, disable=progress is None, leave=False):
             input_ids, attention_mask = left_pad([list(prompt_input_ids[i]) for i in batch], pad_id)
             processors = LogitsProcessorList()
-            if do_sample:  # one extra column: a decoding loop may run one step past the limit
-                uniforms = row_uniforms(seed, [keys[i] for i in batch], max_new_tokens + 1)
-                uniforms = uniforms.to(device)
-                processors.append(RowSampler(uniforms, input_ids.shape[1], temperature, top_p))
+            if do_sample:
+                streams = row_streams(seed, [keys[i] for i in batch], device)
+                processors.append(RowSampler(streams, temperature, top_p))
             out = generator.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
