@@ -203,6 +203,7 @@ class RowSampler(LogitsProcessor):
         race = torch.empty_like(probs)
         for row, stream in zip(race, self.streams, strict=True):
             row.exponential_(generator=stream)
+        race.clamp_(min=torch.finfo(race.dtype).tiny)  # a 0 would make 0/0 = NaN win the argmax
         choice = (probs / race).argmax(dim=-1, keepdim=True)  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
