@@ -10,7 +10,7 @@ the same batch size, KV cache on, and ``min_new_tokens = max_new_tokens``, so ev
 exactly the same number of tokens and tokens/s compare like for like:
 
 - ``dpokit``: :func:`dpokit.generation.generate_completions` (length-sorted batches, left
-  padding, per-prompt random streams, results in the caller's order);
+  padding, per-batch seeds, results in the caller's order);
 - ``plain``: the prompts in the caller's order, ``batch_size`` at a time, left-padded, one
   ``model.generate(...)`` per batch with the same sampling settings (``do_sample``, temperature,
   top_p, top_k=0).

@@ -1,9 +1,9 @@
-"""Sampling: end tokens of every kind, length-sorted batches in the caller's order, per-prompt
-random streams, the model's own generation_config kept out, model mode and global RNG restored."""
+"""Sampling: end tokens of every kind, length-sorted batches in the caller's order, per-batch
+seeds that follow the prompts, the model's own generation_config kept out, model mode and global
+RNG restored."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +12,8 @@ from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from conftest import CORPUS
 from dpokit.generation import (
-    RowSampler,
     batch_plan,
+    batch_seed,
     cut_at_end,
     encode_prompts,
     end_token_ids,
@@ -21,7 +21,6 @@ from dpokit.generation import (
     generate_completions,
     generate_text,
     left_pad,
-    row_streams,
     strip_end,
 )
 from dpokit.tiny import build_tiny_model, build_tiny_tokenizer
@@ -94,13 +93,12 @@ def test_sampling_is_deterministic_for_a_seed(tiny_model, tiny_tokenizer, prompt
     assert len(first) == len(PROMPTS)
 
 
-def test_a_prompts_sample_depends_on_its_key_not_on_batching(tiny_model, tiny_tokenizer):
-    """Batch size, order and a split over processes leave every prompt's sample as it was."""
+def test_samples_do_not_depend_on_order_or_the_split_over_processes(tiny_model, tiny_tokenizer):
+    """The input order and a split of the plan's batches over processes leave every prompt's
+    sample as it was (batches and their seeds follow the keys, not the positions)."""
     ids = encode_prompts(tiny_tokenizer, MIXED * 2)
-    kwargs = dict(max_new_tokens=6, seed=5)
-    whole = generate_completions(tiny_model, tiny_tokenizer, ids, batch_size=3, **kwargs)
-    alone = generate_completions(tiny_model, tiny_tokenizer, ids, batch_size=1, **kwargs)
-    assert alone == whole
+    kwargs = dict(max_new_tokens=6, seed=5, batch_size=3)
+    whole = generate_completions(tiny_model, tiny_tokenizer, ids, **kwargs)
     reverse = list(range(len(ids)))[::-1]
     backwards = generate_completions(
         tiny_model, tiny_tokenizer, [ids[i] for i in reverse], sample_keys=reverse, **kwargs
@@ -109,53 +107,30 @@ def test_a_prompts_sample_depends_on_its_key_not_on_batching(tiny_model, tiny_to
     plan = batch_plan(ids, 3)  # two "processes" take alternate batches, as SPIN deals them
     for share in ([i for b in plan[0::2] for i in b], [i for b in plan[1::2] for i in b]):
         part = generate_completions(
-            tiny_model, tiny_tokenizer, [ids[i] for i in share], batch_size=3,
-            sample_keys=share, **kwargs,
-        )  # fmt: skip
+            tiny_model, tiny_tokenizer, [ids[i] for i in share], sample_keys=share, **kwargs
+        )
         assert part == [whole[i] for i in share]
     assert len({tuple(c) for c in whole}) > 1  # samples, not one string repeated
 
 
-def test_row_sampler_draws_from_the_tempered_nucleus():
-    """Frequencies over 40000 streams vs the distribution worked out by hand (4.5 sigma)."""
-    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).expand(40000, 4)
-    cases = [  # temperature, top_p, expected probabilities
-        (1.0, 1.0, [0.1, 0.2, 0.3, 0.4]),
-        (0.5, 1.0, [1 / 30, 4 / 30, 9 / 30, 16 / 30]),  # p ** 2, renormalized
-        (1.0, 0.6, [0.0, 0.0, 3 / 7, 4 / 7]),  # nucleus: 0.3 + 0.4 >= 0.6, renormalized
-    ]
-    for temperature, top_p, expected in cases:
-        sampler = RowSampler(row_streams(0, range(40000)), temperature, top_p)
-        scores = sampler(torch.zeros((40000, 3), dtype=torch.long), logits.clone())
-        assert (scores == 0).sum(dim=-1).tolist() == [1] * 40000  # exactly one token allowed
-        counts = torch.bincount(scores.argmax(dim=-1), minlength=4).tolist()
-        for count, p in zip(counts, expected, strict=True):
-            sigma = math.sqrt(40000 * p * (1 - p))
-            assert abs(count - 40000 * p) <= 4.5 * sigma + 1e-9, (temperature, top_p, counts)
-
-
-def test_sampled_tokens_are_the_exponential_race_of_the_models_distribution(
-    tiny_model, tiny_tokenizer
-):
-    """Row 1 of a padded, cached batch, recomputed token by token from full forwards and the
-    row's own stream: argmax_v p_v / E_v."""
+def test_sampling_is_hugging_faces_under_the_batch_seed(tiny_model, tiny_tokenizer):
+    """Each batch is Hugging Face's ancestral sampling (temperature, nucleus, no top-k) seeded
+    by batch_seed(seed, key of its first prompt): the same tokens as a direct generate call."""
     ids = encode_prompts(tiny_tokenizer, MIXED[:3])
-    temperature, steps = 0.7, 5
     out = generate_completions(
-        tiny_model, tiny_tokenizer, ids, max_new_tokens=steps, temperature=temperature, seed=11
-    )
-    (stream,) = row_streams(11, [1])
-    sequence, expected = list(ids[1]), []
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = tiny_model(torch.tensor([sequence])).logits[0, -1]
-        probs = torch.softmax(logits / temperature, dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=stream)
-        expected.append(int((probs / race).argmax()))
-        sequence.append(expected[-1])
-        if expected[-1] == tiny_tokenizer.eos_token_id:
-            break
-    assert out[1] == expected
+        tiny_model, tiny_tokenizer, ids, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11,
+        batch_size=1,
+    )  # fmt: skip
+    eos = tiny_tokenizer.eos_token_id
+    for key, prompt in enumerate(ids):
+        torch.manual_seed(batch_seed(11, key))
+        direct = tiny_model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=5,
+            eos_token_id=eos, pad_token_id=tiny_tokenizer.pad_token_id, use_cache=True,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        assert out[key] == cut_at_end(direct, [eos])
 
 
 def test_greedy_batches_equal_model_generate_one_prompt_at_a_time(tiny_model, tiny_tokenizer):

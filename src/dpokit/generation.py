@@ -9,10 +9,11 @@ End tokens: a model may declare several (Llama-3: ``<|end_of_text|>`` and ``<|eo
 ``generation_config.eos_token_id``); generation stops a row on any of them
 (:func:`end_token_ids`), and a completion is cut after the first.
 
-Sampling draws each prompt's tokens from a random stream of its own, keyed by ``(seed, key)``
-(:class:`RowSampler`): a prompt's sample does not depend on the other prompts, their order or the
-batch size, so prompts are sorted by length for batching (less padding) and any split of the
-prompts over processes samples what one process would.
+Sampling is Hugging Face's (``do_sample``: softmax at a temperature, nucleus ``top_p``, no
+top-k), in length-sorted batches (less padding) seeded per batch from ``(seed, the key of the
+batch's first prompt)`` (:func:`batch_plan`, :func:`batch_seed`): the plan and its seeds do not
+depend on the input order or on how the batches are split over processes, so any split samples
+what one process would.
 
 Only Hugging Face ``generate`` is used. A faster engine (vLLM) would have to meet the contract of
 :func:`generate_completions` -- token ids in, one completion per prompt in the caller's order, cut
@@ -28,7 +29,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers import GenerationConfig
 
 from dpokit.data.config import DataConfig
 from dpokit.data.tokenization import PairEncoder
@@ -162,60 +163,31 @@ def batch_plan(
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def stream_seed(seed: int, key: int) -> int:
-    """The seed of prompt ``key``'s random stream (63 bits of SHA-256: streams do not collide)."""
+def batch_seed(seed: int, key: int) -> int:
+    """The torch seed of the batch whose first prompt has sample key ``key`` (63 bits of
+    SHA-256 of both: batches of one call, and calls of nearby seeds, do not share streams)."""
     digest = hashlib.sha256(f"dpokit-sample:{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def row_streams(seed: int, keys: Sequence[int], device: torch.device | str = "cpu") -> list:
-    """One ``torch.Generator`` on ``device`` per key: row i's random stream ``(seed, keys[i])``."""
-    return [torch.Generator(device).manual_seed(stream_seed(seed, key)) for key in keys]
-
-
-class RowSampler(LogitsProcessor):
-    """Ancestral sampling in which row b draws all of its randomness from its own stream.
-
-    Each step, p = softmax(logits / temperature) restricted to the nucleus ``top_p``
-    (Transformers' ``TopPLogitsWarper``: the same nucleus as ``do_sample=True``), and row b takes
-    argmax_v p_v / E_v with E_v ~ Exp(1) drawn from ``streams[b]`` -- the exponential race that
-    ``torch.multinomial`` runs for one sample, so token v comes with probability p_v exactly, and
-    two models sampled with the same streams (an evaluation's before and after) share their noise
-    and agree wherever their distributions do. It returns scores that are 0 for that token and
-    -inf elsewhere, so greedy ``generate`` emits it.
-
-    ``streams``: B generators on the scores' device (:func:`row_streams`); scores (B, V) in,
-    (B, V) out; V exponentials per row and step.
-    """
-
-    def __init__(self, streams: list, temperature: float, top_p: float):
-        if temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0 (got {temperature}); 0 is greedy")
-        self.streams = streams
-        self.temperature = temperature
-        self.nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores / self.temperature
-        if self.nucleus is not None:
-            scores = self.nucleus(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)  # (B, V); 0 outside the nucleus
-        race = torch.empty_like(probs)
-        for row, stream in zip(race, self.streams, strict=True):
-            row.exponential_(generator=stream)
-        race.clamp_(min=torch.finfo(race.dtype).tiny)  # a 0 would make 0/0 = NaN win the argmax
-        choice = (probs / race).argmax(dim=-1, keepdim=True)  # (B, 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
-
-
 def _settings(
-    max_new_tokens: int, min_new_tokens: int, ends: list[int], pad_id: int, bos_id
+    max_new_tokens: int,
+    min_new_tokens: int,
+    ends: list[int],
+    pad_id: int,
+    bos_id,
+    sampling: tuple[float, float] | None,
 ) -> GenerationConfig:
-    """Greedy decoding with the KV cache, stopping on every end id; sampling is a RowSampler."""
+    """KV-cached generation stopping on every end id: greedy, or for ``sampling`` =
+    (temperature, top_p) plain ancestral sampling (no top-k, no repetition penalty)."""
+    temperature, top_p = sampling or (None, None)
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens or None,
-        do_sample=False,
+        do_sample=sampling is not None,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0 if sampling is not None else None,
         eos_token_id=ends,
         pad_token_id=pad_id,
         bos_token_id=bos_id,
@@ -249,13 +221,13 @@ def generate_completions(
     ``do_sample=False`` is greedy.
 
     Prompts are generated in length-sorted batches of ``batch_size`` (:func:`batch_plan`),
-    left-padded, with the KV cache. Prompt i's sample is drawn from its own random stream, keyed
-    by ``(seed, sample_keys[i])`` (default: i): it does not depend on the other prompts, their
-    order, ``batch_size`` or the number of processes -- to float noise of the batched forward
-    passes, none when the batches are the same (a process handed a union of :func:`batch_plan`'s
-    batches, with their keys, generates exactly those batches). The global RNG is not touched.
-    The model is put in eval mode and restored afterwards. ``progress``: the label of a progress
-    bar over the batches (None: no bar).
+    left-padded, with the KV cache; results come back in the prompts' order. Each batch is
+    seeded by :func:`batch_seed` from ``seed`` and the sample key of its first prompt
+    (``sample_keys``, default: the prompts' positions), so the samples do not depend on the input
+    order, and a process handed a union of the plan's batches (with their keys) samples exactly
+    what the whole call would for them. They do depend on ``batch_size``. The global RNG is
+    forked (callers' random state is untouched); the model is put in eval mode and restored
+    afterwards. ``progress``: the label of a progress bar over the batches (None: no bar).
 
     Raises ``ValueError`` for ``batch_size`` or ``max_new_tokens`` < 1, ``min_new_tokens`` above
     ``max_new_tokens``, sampling at temperature <= 0, keys that are not one per prompt, an empty
@@ -272,22 +244,27 @@ def generate_completions(
     ends = end_token_ids(generator, tokenizer)
     # No pad token: pad with an end id; a row's first end token is still its real end.
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
-    settings = _settings(max_new_tokens, min_new_tokens, ends, pad_id, tokenizer.bos_token_id)
+    sampling = (temperature, top_p) if do_sample else None
+    settings = _settings(
+        max_new_tokens, min_new_tokens, ends, pad_id, tokenizer.bos_token_id, sampling
+    )
     device = next(generator.parameters()).device
     completions: list[list[int]] = [[] for _ in prompt_input_ids]
     plan = batch_plan(prompt_input_ids, batch_size, keys)
-    with _eval_mode(generator), torch.no_grad(), _only_settings(generator, settings):
+    devices = [device] if device.type == "cuda" else []
+    with (
+        _eval_mode(generator),
+        torch.no_grad(),
+        _only_settings(generator, settings),
+        torch.random.fork_rng(devices=devices),
+    ):
         for batch in tqdm(plan, desc=progress, disable=progress is None, leave=False):
+            torch.manual_seed(batch_seed(seed, keys[batch[0]]))
             input_ids, attention_mask = left_pad([list(prompt_input_ids[i]) for i in batch], pad_id)
-            processors = LogitsProcessorList()
-            if do_sample:
-                streams = row_streams(seed, [keys[i] for i in batch], device)
-                processors.append(RowSampler(streams, temperature, top_p))
             out = generator.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=settings,
-                logits_processor=processors,
             )  # (B, P + new)
             for i, tokens in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
                 completions[i] = cut_at_end(tokens, ends)

@@ -151,9 +151,9 @@ def generate_answers(
 
     The prompts are planned into length-sorted batches (:func:`dpokit.generation.batch_plan`);
     with several processes, batch k runs on process k mod P and the answers are gathered on every
-    process. Each prompt samples from its own random stream (keyed by its index), and each
-    process generates exactly the planned batches, so the answers are those of one process
-    generating them all. An answer "stopped" on any end token the model declares
+    process. Each batch is seeded from the seed and its first prompt's index, and each process
+    generates exactly the planned batches, so the answers are those of one process generating
+    them all. An answer "stopped" on any end token the model declares
     (:func:`dpokit.generation.end_token_ids`), which is not part of its text.
     """
     hyperparameters = config.method_args
