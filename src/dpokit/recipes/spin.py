@@ -17,7 +17,7 @@ The pairs are an ordinary preference data set (``prompt``/``chosen``/``rejected`
 message lists), trained by the pairwise step, so every engine feature applies per iteration.
 Generated answers are decoded to text and re-tokenized with the data pipeline, as the authors' code
 does: the rejected side is scored on the canonical tokens of the sampled text. Empty answers (the
-model emitted EOS at once) cannot be a completion and are left out of the pairs (counted).
+model emitted an end token at once) cannot be a completion and are left out of the pairs (counted).
 
 Files::
 
@@ -29,8 +29,10 @@ Both files are JSON lines (:mod:`dpokit.jsonl`: any generated text round-trips) 
 beside them (``*.sha256.json``, :mod:`dpokit.cache`). A resumed run reuses an interrupted
 iteration's generations (its checkpoint's data position refers to them) when they match their
 checksum; damaged ones are reported in one line, removed and generated again. With several
-processes the generation batches are dealt out to them and gathered (the answers do not depend on
-the number of processes); vLLM is not used. Layout, resume and ``OUTPUT/final``:
+processes the (length-sorted) generation batches are dealt out to them and gathered (the answers
+do not depend on the number of processes); generation stops on every end token the model declares
+(Llama-3's ``<|eot_id|>`` as well as EOS). vLLM is not used (:mod:`dpokit.generation` says what a
+faster backend would have to meet). Layout, resume and ``OUTPUT/final``:
 :mod:`dpokit.recipes.stages`.
 """
 
@@ -43,7 +45,6 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dpokit import jsonl
@@ -54,7 +55,13 @@ from dpokit.data.formats import detect_format
 from dpokit.data.loading import load_source
 from dpokit.data.rows import dataset_column_kinds
 from dpokit.data.sft import SFTExample, prepare_sft
-from dpokit.generation import generate_completions
+from dpokit.generation import (
+    batch_plan,
+    end_token_ids,
+    ended,
+    generate_completions,
+    strip_end,
+)
 from dpokit.losses import get_method
 from dpokit.modeling import load_tokenizer, loading_kwargs, resolve_dtype
 from dpokit.recipes.stages import check_stage_config, run_stages
@@ -140,11 +147,14 @@ def read_sft(config: TrainConfig, tokenizer) -> SFTPrompts:
 def generate_answers(
     config: TrainConfig, model_path: str, tokenizer, prompts: SFTPrompts, seed: int
 ) -> tuple[list[str], list[bool]]:
-    """(decoded answers, whether each ended with EOS) of ``model_path``, one per prompt.
+    """(decoded answers, whether each stopped at an end token) of ``model_path``, one per prompt.
 
-    With several processes, generation batch k runs on process k mod P and the batches are
-    gathered on every process: each batch is seeded by its position, so the answers are those of
-    one process generating them all.
+    The prompts are planned into length-sorted batches (:func:`dpokit.generation.batch_plan`);
+    with several processes, batch k runs on process k mod P and the answers are gathered on every
+    process. Each batch is seeded from the seed and its first prompt's index, and each process
+    generates exactly the planned batches, so the answers are those of one process generating
+    them all. An answer "stopped" on any end token the model declares
+    (:func:`dpokit.generation.end_token_ids`), which is not part of its text.
     """
     hyperparameters = config.method_args
     state = PartialState()
@@ -161,47 +171,51 @@ def generate_answers(
     )
     logger.info("generating %d answers with %s", len(prompts.examples), model_path)
     size = hyperparameters["generation_batch_size"]
-    starts = range(0, len(prompts.prompt_input_ids), size)
-    mine = []  # (start, completions) of this process's batches
+    plan = batch_plan(prompts.prompt_input_ids, size)
+    mine = [i for batch in plan[state.process_index :: state.num_processes] for i in batch]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        mine_starts = starts[state.process_index :: state.num_processes]
-        show = config.progress and state.is_main_process
-        for start in tqdm(mine_starts, desc="SPIN generation (batches)", disable=not show):
-            batch = generate_completions(
-                model,
-                tokenizer,
-                prompts.prompt_input_ids[start : start + size],
-                max_new_tokens=min(
-                    hyperparameters["max_new_tokens"],
-                    config.max_length or hyperparameters["max_new_tokens"],  # None: no bound
-                ),
-                temperature=hyperparameters["temperature"] if not greedy else 1.0,
-                top_p=hyperparameters["top_p"],
-                batch_size=size,
-                seed=seed,
-                do_sample=not greedy,
-                first_index=start,
-            )
-            mine.append((start, batch))
+        completions = generate_completions(
+            model,
+            tokenizer,
+            [prompts.prompt_input_ids[i] for i in mine],
+            max_new_tokens=min(
+                hyperparameters["max_new_tokens"],
+                config.max_length or hyperparameters["max_new_tokens"],  # None: no bound
+            ),
+            temperature=hyperparameters["temperature"] if not greedy else 1.0,
+            top_p=hyperparameters["top_p"],
+            batch_size=size,
+            seed=seed,
+            do_sample=not greedy,
+            sample_keys=mine,
+            progress="SPIN generation (batches)"
+            if config.progress and state.is_main_process
+            else None,
+        )
     logger.info(
         "process %d generated %d of %d answers",
         state.process_index,
-        sum(len(batch) for _, batch in mine),
+        len(mine),
         len(prompts.prompt_input_ids),
     )
-    gathered = gather_object(mine) if state.num_processes > 1 else mine
-    ids = [tokens for _, batch in sorted(gathered, key=lambda item: item[0]) for tokens in batch]
-    finished = [tokens[-1:] == [tokenizer.eos_token_id] for tokens in ids]
+    pairs = list(zip(mine, completions, strict=True))
+    gathered = gather_object(pairs) if state.num_processes > 1 else pairs
+    ids = [tokens for _, tokens in sorted(gathered, key=lambda item: item[0])]
+    ends = end_token_ids(model, tokenizer)
+    finished = [ended(tokens, ends) for tokens in ids]
     if not all(finished):
         logger.info(
-            "%d of %d answers hit max_new_tokens before EOS", finished.count(False), len(ids)
+            "%d of %d answers hit max_new_tokens before an end token",
+            finished.count(False),
+            len(ids),
         )
-    return tokenizer.batch_decode(ids, skip_special_tokens=True), finished
+    texts = [strip_end(tokens, ends) for tokens in ids]
+    return tokenizer.batch_decode(texts, skip_special_tokens=True), finished
 
 
 def generations_jsonl(examples: list[SFTExample], answers: list[str], finished: list[bool]) -> str:
     """The generations file's JSON lines: index, prompt, real (human) and generated answer, and
-    whether the generated one ended with EOS."""
+    whether the generated one stopped at an end token (False: cut by max_new_tokens)."""
     rows = zip(examples, answers, finished, strict=True)
     records = (
         {

@@ -9,8 +9,9 @@ method. With ``target=reference_sample`` (the seed's variant) y_ref is drawn fro
 :func:`dpokit.generation.generate_completions`. The samples are cached in the run directory
 (``RUN_DIR/reference_samples/<split>.jsonl`` with its checksum, keyed by the model, the data and
 the sampling settings), so a resumed run trains on the same targets; a damaged file is reported,
-removed and sampled again (:mod:`dpokit.cache`). A sample cut by the length limit has no EOS; it
-is scored as it is.
+removed and sampled again (:mod:`dpokit.cache`). A sample stops at any end token the model declares
+(:func:`dpokit.generation.end_token_ids`: EOS, Llama-3's ``<|eot_id|>``, ...) and keeps it; one cut
+by the length limit has none and is scored as it is.
 
 Batches then carry the targets as a third block of rows (:class:`TargetPairCollator`): chosen,
 rejected, target -- one forward for all three, and
