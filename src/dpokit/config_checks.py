@@ -114,7 +114,7 @@ def check_tracker(report_to: str) -> None:
         return  # "all": every tracker that is installed
     if missing:
         names = ", ".join(missing)
-        what = f"{names} is" if len(missing) == 1 else f"none of {names} is"
+        what = f"{names} is not" if len(missing) == 1 else f"none of {names} is"
         install = " or ".join(f"pip install {packages[0]}" for packages in missing.values())
         raise ConfigError(
             f"report_to={report_to}: {what} installed, so nothing would be tracked: {install},"
