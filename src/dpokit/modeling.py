@@ -47,7 +47,7 @@ def load_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(
+            raise ModelError(  # exit 4, the README's table: a model/tokenizer problem
                 f"tokenizer of {name_or_path} has neither a pad nor an EOS token; set one "
                 "(tokenizer.pad_token = ...) and save it"
             )
