@@ -103,7 +103,9 @@ def no_eval_data(what: str) -> str:
 
 def check_tracker(report_to: str) -> None:
     """``report_to`` names a tracker whose package is installed; else `ConfigError` naming the
-    package to install. accelerate would only warn and train with no tracking at all."""
+    package to install. accelerate would only warn and train with no tracking at all. Checked
+    when a run builds its accelerator (before data or model load), not on every config: a
+    config may be written on a machine without the tracker for a run elsewhere."""
     wanted = TRACKER_PACKAGES if report_to == "all" else {report_to: TRACKER_PACKAGES[report_to]}
     missing = {
         name: packages
@@ -125,8 +127,6 @@ def check_tracker(report_to: str) -> None:
 def check_combinations(config: Any, spec: MethodSpec) -> None:
     """The checks that involve several keys, the method or the file system (each key alone has
     passed :func:`check_field`)."""
-    if config.report_to != "none":
-        check_tracker(config.report_to)
     if config.packing_length is not None and config.packing not in ("auto", "padding_free"):
         raise ConfigError(
             f"packing_length applies to packing=padding_free only (packing={config.packing!r})"
