@@ -67,7 +67,9 @@ def test_overwrite_clears_the_earlier_run_and_says_so(tiny_dir, data, tmp_path, 
     run_dir = tmp_path / "run"
     train(config_for(tiny_dir, data, run_dir, max_steps=4, save_steps=1, seed=7))
     with caplog.at_level(logging.WARNING, logger="dpokit"):
-        second = train(config_for(tiny_dir, data, run_dir, max_steps=2, overwrite=True))
+        second = train(
+            config_for(tiny_dir, data, run_dir, max_steps=2, overwrite=True, save_steps=None)
+        )
     assert f"overwrite=true: removing the earlier run in {run_dir}" in caplog.text
     assert not (run_dir / "checkpoints").exists()  # the first run's step-1..4 are gone
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
@@ -193,7 +195,8 @@ def test_a_run_killed_in_its_first_save_logs_each_step_once(tiny_dir, data, tmp_
 
 def test_resume_without_a_checkpoint_refuses_another_runs_record(tiny_dir, data, tmp_path):
     run_dir = tmp_path / "run"
-    train(config_for(tiny_dir, data, run_dir, max_steps=1))  # no checkpoint, run.json only
+    train(config_for(tiny_dir, data, run_dir, max_steps=1, save_steps=None))
+    shutil.rmtree(run_dir / "final")  # killed before its first checkpoint: run.json only
     assert json.loads((run_dir / RUN_FILE).read_text())["fingerprint"]["learning_rate"] == 1e-3
     with pytest.raises(ConfigError, match=r"other settings: learning_rate 0.001 -> 0.002;"):
         train(config_for(tiny_dir, data, run_dir, max_steps=1, resume=True, learning_rate=2e-3))

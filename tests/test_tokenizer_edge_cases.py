@@ -17,6 +17,7 @@ from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.data import DataError
 from dpokit.engine import Trainer
+from dpokit.errors import ModelError
 from dpokit.tiny import CHAT_TEMPLATE, build_tiny_model
 
 PAIRS = [
@@ -95,10 +96,10 @@ def test_tokenizer_without_pad_or_eos_is_refused_by_name(tiny_dir, tmp_path, cap
 
     bare = model_with_tokenizer(tiny_dir, tmp_path / "bare", strip)
     data = write_rows(tmp_path / "pairs.jsonl", PAIRS)
-    with pytest.raises(ConfigError, match=r"neither a pad nor an EOS token; set one"):
+    with pytest.raises(ModelError, match=r"neither a pad nor an EOS token; set one"):
         Trainer(config(bare, data, tmp_path))
     argv = ["train", "--model", str(bare), "--data", data, "--output-dir", str(tmp_path / "cli")]
-    assert main(argv) == 2
+    assert main(argv) == 4  # model/files (README's exit-code table)
     assert "neither a pad nor an EOS token" in capsys.readouterr().err
 
 

@@ -69,6 +69,13 @@ def save_checkpoint(
     return final
 
 
+def save_due(step: int, save_steps: int | None, max_steps: int) -> bool:
+    """Whether optimizer step ``step`` saves a checkpoint: every ``save_steps`` steps and, as
+    transformers' ``save_strategy="steps"`` does, at the run's last step, so that a finished run
+    can be extended (resume with a larger ``max_steps``). ``save_steps`` None: never."""
+    return bool(save_steps) and (step % save_steps == 0 or step >= max_steps)
+
+
 def prune(root: Path, keep: int, run_id: str | None = None) -> None:
     """Remove all but the newest ``keep`` complete checkpoints under ``root`` of the run
     ``run_id`` (the ``run_id`` in their state file); None: of any run."""

@@ -288,7 +288,11 @@ class TrainConfig:
         0.1, "optimisation", "share of the optimizer steps spent warming up", **_FRACTION
     )
     warmup_steps: int | None = _key(
-        None, "optimisation", "warmup optimizer steps; overrides warmup_ratio", kind=int, low=0
+        None,
+        "optimisation",
+        "warmup optimizer steps (below 1: a ratio, as transformers 5); overrides warmup_ratio",
+        kind=int,
+        low=0,
     )
     max_grad_norm: float = _key(1.0, "optimisation", "gradient clipping; 0 disables it", low=0.0)
     num_epochs: float = _key(1.0, "optimisation", "passes over the data", **_POSITIVE)
@@ -302,12 +306,15 @@ class TrainConfig:
     eval_steps: int | None = _key(
         None, "logging", "optimizer steps between evaluations (None: at the end)", kind=int, low=1
     )
+    # transformers' TrainingArguments default (save_strategy="steps", save_steps=500): a run
+    # killed after step 500 resumes; a checkpoint is also saved at the last step.
     save_steps: int | None = _key(
-        None,
+        500,
         "logging",
-        "optimizer steps between checkpoints (None: final model only)",
+        "optimizer steps between checkpoints, also saved at the last step (none: final only)",
         kind=int,
         low=1,
+        optional=True,
     )
     save_total_limit: int = _key(2, "logging", "checkpoints kept", low=1)
     # Run directory ownership (dpokit.rundir): a fresh run needs an empty output_dir.

@@ -6,6 +6,8 @@ runs both; :class:`~dpokit.config.TrainConfig` calls it on every construction.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,11 @@ from dpokit.errors import ConfigError
 from dpokit.losses import MethodSpec, get_method, resolve_hyperparameters
 from dpokit.losses.hyperparameters import check_value, normalise_choice
 
+logger = logging.getLogger("dpokit.config")
+
 NONE_WORDS = ("none", "null", "~", "")  # `max_length=none` unsets an optional key
+# report_to -> the packages accelerate's tracker may use (any one of them will do).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 def validate(config: Any) -> None:
@@ -22,6 +28,7 @@ def validate(config: Any) -> None:
 
     Convert and check every field in place; raise :class:`ConfigError` on any value that
     cannot work, naming the valid values or choices."""
+    warmup_fraction(config)
     for f in dataclasses.fields(config):
         setattr(config, f.name, check_field(f.name, getattr(config, f.name), f.metadata))
     try:
@@ -35,6 +42,16 @@ def validate(config: Any) -> None:
     except ValueError as err:
         raise ConfigError(f"method {spec.name}: {err}") from None
     check_combinations(config, spec)
+
+
+def warmup_fraction(config: Any) -> None:
+    """``warmup_steps`` below 1 is a share of the run's optimizer steps, as transformers 5's
+    ``TrainingArguments.warmup_steps`` reads it (that version has no ``warmup_ratio``): it
+    becomes ``warmup_ratio`` (rounded up into steps, :func:`dpokit.optim.resolve_warmup`)."""
+    value = config.warmup_steps
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        logger.info("warmup_steps=%s is below 1: a ratio of the steps (warmup_ratio)", value)
+        config.warmup_ratio, config.warmup_steps = value, None
 
 
 def _yaml_word(value: bool, choices: tuple[str, ...]) -> Any:
@@ -82,6 +99,29 @@ def no_eval_data(what: str) -> str:
         "--eval-data FILE), or eval_fraction=0.1 to hold out a share of `data`; or unset "
         "eval_steps"
     )
+
+
+def check_tracker(report_to: str) -> None:
+    """``report_to`` names a tracker whose package is installed; else `ConfigError` naming the
+    package to install. accelerate would only warn and train with no tracking at all. Checked
+    when a run builds its accelerator (before data or model load), not on every config: a
+    config may be written on a machine without the tracker for a run elsewhere."""
+    wanted = TRACKER_PACKAGES if report_to == "all" else {report_to: TRACKER_PACKAGES[report_to]}
+    missing = {
+        name: packages
+        for name, packages in wanted.items()
+        if not any(importlib.util.find_spec(package) for package in packages)
+    }
+    if report_to == "all" and len(missing) < len(wanted):
+        return  # "all": every tracker that is installed
+    if missing:
+        names = ", ".join(missing)
+        what = f"{names} is not" if len(missing) == 1 else f"none of {names} is"
+        install = " or ".join(f"pip install {packages[0]}" for packages in missing.values())
+        raise ConfigError(
+            f"report_to={report_to}: {what} installed, so nothing would be tracked: {install},"
+            " or set report_to=none (metrics.jsonl is always written)"
+        )
 
 
 def check_combinations(config: Any, spec: MethodSpec) -> None:

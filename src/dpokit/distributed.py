@@ -35,6 +35,7 @@ from accelerate.utils import DataLoaderConfiguration
 
 from dpokit.allocator import map_large_allocations
 from dpokit.config import ConfigError
+from dpokit.config_checks import check_tracker
 
 logger = logging.getLogger("dpokit")
 
@@ -215,6 +216,8 @@ def build_accelerator(config) -> Accelerator:
     ConfigError for a DeepSpeed launch on a machine without a GPU
     (:func:`refuse_deepspeed_on_cpu`)."""
     refuse_deepspeed_on_cpu()
+    if config.report_to != "none":  # before anything loads; accelerate would only warn
+        check_tracker(config.report_to)
     if config.gradient_checkpointing and not _has_gpu():
         map_large_allocations()  # memory over speed: freed activations leave the resident set
     mixed_precision = config.mixed_precision

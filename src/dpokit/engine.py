@@ -103,7 +103,7 @@ class Trainer:
             check_positions(name, config.max_length, longest)  # model config only, no weights
         processes = self.accelerator.num_processes
         fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
-        self.run_dir.verify(fingerprint)  # resume: refuse another run's checkpoint
+        self.run_dir.verify(fingerprint, len(self.train_data))  # another run's, a finished run
         self.dtype = resolve_dtype(config.dtype)
         self.policy = build_policy(config, self.dtype, None if self.sharded else self.sharding)
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
@@ -271,12 +271,11 @@ class Trainer:
             config.eval_steps and loop.step % config.eval_steps == 0
         ):
             loop.history.append(self.evaluate(loop.step, writer))
-        final_dir = self.save_final()
+        final, skipped = self.save_final(), self.skipped_batches
+        self.run_dir.finish(loop.step)  # run.json: a resume of this run is refused
         if config.report_to != "none":
             acc.end_training()
-        return TrainResult(
-            self.output_dir, final_dir, loop.step, loop.history, self.skipped_batches
-        )
+        return TrainResult(self.output_dir, final, loop.step, loop.history, skipped)
 
     def _run_epoch(self, loop: LoopState, context: tuple, writer, progress) -> None:
         """The rest of epoch ``loop.epoch`` (after ``loop.batches_done`` slots), or until
@@ -297,7 +296,7 @@ class Trainer:
             loop.tokens, loop.tick = 0, time.perf_counter()
             if config.eval_steps and loop.step % config.eval_steps == 0:
                 loop.history.append(self.evaluate(loop.step, writer))
-            if config.save_steps and loop.step % config.save_steps == 0:
+            if ckpt.save_due(loop.step, config.save_steps, self.max_steps):  # and the last
                 self._save(loop.step, loop.epoch, loop.batches_done)
             if loop.step >= self.max_steps:
                 return

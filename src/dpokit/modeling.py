@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from dpokit.config import ConfigError
 from dpokit.distributed import no_split_modules
+from dpokit.errors import ModelError
 from dpokit.logprobs import CompletionScorer
 from dpokit.mlp_chunks import chunk_mlps
 
@@ -46,7 +47,7 @@ def load_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(
+            raise ModelError(  # exit 4, the README's table: a model/tokenizer problem
                 f"tokenizer of {name_or_path} has neither a pad nor an EOS token; set one "
                 "(tokenizer.pad_token = ...) and save it"
             )
@@ -55,7 +56,34 @@ def load_tokenizer(
     if chat_template_file is not None:
         tokenizer.chat_template = Path(chat_template_file).read_text()
     tokenizer.padding_side = "right"
+    check_special_ids(tokenizer, name_or_path, trust_remote_code)
     return tokenizer
+
+
+def check_special_ids(tokenizer, name_or_path: str, trust_remote_code: bool = False) -> None:
+    """The pad, EOS and BOS ids dpokit writes into every batch lie inside the model's embedding
+    (``vocab_size`` of the config at ``name_or_path``; read from the config only, no weights).
+    transformers 5 gives a Qwen2 tokenizer that lacks ``<|endoftext|>`` a new pad token with id
+    ``len(vocab)``, past the embedding: the first forward then fails deep in ``F.embedding``.
+
+    Raises `ModelError` naming the token, its id and the vocabulary size. A path with no model
+    config (a tokenizer alone) is not checked.
+    """
+    try:
+        model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    for role in ("pad", "eos", "bos") if vocab else ():
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if token_id is not None and not 0 <= token_id < vocab:
+            token = getattr(tokenizer, f"{role}_token")
+            raise ModelError(
+                f"tokenizer of {name_or_path}: its {role} token {token!r} has id {token_id}, "
+                f"outside the model's vocabulary (vocab_size {vocab}): save the tokenizer with "
+                f"a {role} token the model has (e.g. tokenizer.pad_token = tokenizer.eos_token), "
+                "or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
+            )
 
 
 # Config fields that bound the positions a model can attend over, by model family.
@@ -226,6 +254,10 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora_config)
+    for adapter in model.peft_config.values():  # as given ("llama"): loads from that cwd only
+        base = adapter.base_model_name_or_path
+        if base and Path(base).is_dir():
+            adapter.base_model_name_or_path = str(Path(base).resolve())
     if model.base_model.model.config.use_cache:
         model.base_model.model.config.use_cache = False
     return model

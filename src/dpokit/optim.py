@@ -34,11 +34,19 @@ def count_steps(config, micro_batches: int, num_processes: int) -> tuple[int, in
     return steps_per_epoch, max_steps
 
 
+def resolve_warmup(config, max_steps: int) -> int:
+    """The warm-up in optimizer steps: ``config.warmup_steps``, else ``warmup_ratio`` of
+    ``max_steps`` rounded UP, as transformers' ``TrainingArguments.get_warmup_steps`` rounds it
+    (``math.ceil``): ratio 0.1 of 4 steps is 1 warm-up step (``int()`` would give none)."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return math.ceil(config.warmup_ratio * max_steps)
+
+
 def build_scheduler(config, optimizer: torch.optim.Optimizer, max_steps: int):
     """The learning-rate schedule (``config.lr_scheduler``, with ``warmup_steps`` or
-    ``warmup_ratio`` of ``max_steps`` warm-up), to be stepped once per optimizer step."""
-    warmup = config.warmup_steps
-    if warmup is None:
-        warmup = int(config.warmup_ratio * max_steps)
+    ``warmup_ratio`` of ``max_steps`` warm-up: :func:`resolve_warmup`), to be stepped once per
+    optimizer step."""
+    warmup = resolve_warmup(config, max_steps)
     schedule = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)

@@ -19,14 +19,20 @@ SLiC's ``reference_samples/``.)
 Keys that cannot change the past (:data:`FREE_KEYS`: ``max_steps``/``num_epochs``, the logging,
 eval and save cadence, ``save_total_limit``, ``progress``, ``num_proc``, ``report_to``, output
 paths, ``merge_lora``, and the memory knobs: ``gradient_checkpointing``, ``logps_chunk_size``,
-``logps_saved_softmax_mb``, ``decoder_pass_tokens``, ``mlp_chunk_tokens``) may change on resume. Paths are compared by what they hold, not by name:
-the weights' identity (:func:`weights_identity`) and the data's fingerprint, so a copied run
-directory still resumes. The learning-rate schedule is compared as resolved: the warm-up steps
-and, for a decaying schedule (``linear``, ``cosine``), its horizon, since a linear schedule's
-learning rate at every step depends on the total. Extending ``max_steps`` is therefore allowed
-with ``lr_scheduler=constant`` (and a warm-up that resolves to the same steps), and refused for a
+``logps_saved_softmax_mb``, ``decoder_pass_tokens``, ``mlp_chunk_tokens``) may change on
+resume. Paths are compared by what they hold, not by name: the weights' identity
+(:func:`weights_identity`) and the data's fingerprint, so a copied run directory still resumes.
+The learning-rate schedule is compared as resolved: the warm-up steps and, for a decaying
+schedule (``linear``, ``cosine``), its horizon, since a linear schedule's learning rate at every
+step depends on the total. Extending ``max_steps`` is therefore allowed with
+``lr_scheduler=constant`` (and a warm-up that resolves to the same steps), and refused for a
 decaying schedule: keeping the old horizon would train the extra steps at lr 0, and a new horizon
 gives weights that no uninterrupted run produces.
+
+A resume is never silent: a finished run (``run.json``'s ``finished_step``, written once
+``final/`` is saved) with nothing left to train is refused, saying to raise ``max_steps``
+(:func:`check_unfinished`); a directory with no checkpoint starts at step 0 with a warning
+that says so (a run killed before its first save has nothing else to continue).
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from dpokit.cache import atomic_write
 from dpokit.checkpoint import latest_checkpoint, load_trainer_state
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.errors import PathError
 from dpokit.hashing import sha256_hex
-from dpokit.optim import count_steps
+from dpokit.optim import count_steps, resolve_warmup
 
 logger = logging.getLogger("dpokit")
 
@@ -198,11 +205,8 @@ def trajectory_fingerprint(config: TrainConfig, train_data, eval_data, num_proce
     the process count and the resolved schedule (``warmup_steps``, and ``schedule_horizon`` for a
     decaying schedule; see the module docstring).
     """
-    micro_batches = math.ceil(len(train_data) / config.batch_size)
-    _, max_steps = count_steps(config, micro_batches, num_processes)
-    warmup = config.warmup_steps
-    if warmup is None:
-        warmup = int(config.warmup_ratio * max_steps)  # as optim.build_scheduler resolves it
+    max_steps = planned_steps(config, len(train_data), num_processes)
+    warmup = resolve_warmup(config, max_steps)  # as optim.build_scheduler resolves it
     fingerprint = config_fingerprint(config)
     fingerprint.update(
         model=weights_identity(config.model),
@@ -214,6 +218,12 @@ def trajectory_fingerprint(config: TrainConfig, train_data, eval_data, num_proce
         schedule_horizon=None if config.lr_scheduler == "constant" else max_steps,
     )
     return json.loads(json.dumps(fingerprint, default=str))  # as a checkpoint reads it back
+
+
+def planned_steps(config: TrainConfig, rows: int, num_processes: int) -> int:
+    """The run's optimizer steps (``max_steps``, else ``num_epochs`` over ``rows`` training
+    rows), as the engine's :func:`dpokit.optim.count_steps` counts them from its loader."""
+    return count_steps(config, math.ceil(rows / config.batch_size), num_processes)[1]
 
 
 def differences(old: dict, new: dict) -> dict[str, list]:
@@ -279,6 +289,35 @@ def compare(config: TrainConfig, what: str, old: dict, new: dict) -> dict[str, l
     return changed
 
 
+def check_unfinished(path: Path, record: dict | None, latest: Path | None, max_steps: int) -> None:
+    """Refuse, in one `ConfigError` line, a resume of a run that finished (``run.json`` holds
+    ``finished_step``, written once ``final/`` is saved, and ``final/`` is still there) when it
+    has nothing left to train (``finished_step >= max_steps``) or no checkpoint to continue from.
+    A run extended past its end (a larger ``max_steps``) continues from its newest checkpoint."""
+    finished = (record or {}).get("finished_step")
+    if finished is None or not (path / "final").is_dir():
+        return  # not finished, or its final model was removed: a resume saves it again
+    saved = None if latest is None else load_trainer_state(latest)["step"]
+    if finished >= max_steps:
+        more = (
+            f"to train further, resume with max_steps above {finished} (it continues from "
+            f"{latest.name}; a linear or cosine schedule also needs resume=force)"
+            if saved is not None
+            else f"it kept no checkpoint, so to train further start a new run from "
+            f"{path / 'final'} in another output_dir"
+        )
+        raise ConfigError(
+            f"resume: the run in {path} finished at step {finished} (max_steps {max_steps}; "
+            f"its model is in {path / 'final'}): nothing to resume; {more}"
+        )
+    if saved is None:
+        raise ConfigError(
+            f"resume: the run in {path} finished at step {finished} and kept no checkpoint to "
+            f"continue from (checkpoints are saved every save_steps and at the last step): start "
+            f"a new run from {path / 'final'} in another output_dir"
+        )
+
+
 def record_overrides(path: Path, checkpoint: Path | None, changed: dict[str, list]) -> None:
     """Append one line to ``path/resume-overrides.jsonl``: time, checkpoint, keys old -> new."""
     line = {
@@ -308,14 +347,21 @@ class RunDirectory:
         self.resume_from: Path | None = None
         self.changed: dict[str, list] = {}
 
-    def verify(self, fingerprint: dict) -> Path | None:
+    def verify(self, fingerprint: dict, rows: int) -> Path | None:
         """On resume, what this run continues: the newest complete checkpoint (or None to start
-        afresh), checked against ``fingerprint``. Raises `ConfigError` on a mismatch (unless
-        ``resume=force``) and `PathError` for a directory holding a run without ``run.json``."""
+        at step 0, said in a warning), checked against ``fingerprint``; ``rows``: the training
+        rows (the run's ``max_steps`` follows, :func:`planned_steps`).
+
+        Raises `ConfigError` for a run that finished at ``max_steps`` or later (nothing to
+        continue: the message says to raise ``max_steps``), for a finished run with no
+        checkpoint to continue from, and on a fingerprint mismatch (unless ``resume=force``);
+        `PathError` for a directory holding a run without ``run.json``."""
         self.fingerprint = fingerprint
         if self.config.resume == "false":
             return None
-        latest = latest_checkpoint(self.path)
+        record, latest = read_record(self.path), latest_checkpoint(self.path)
+        max_steps = planned_steps(self.config, rows, self.accelerator.num_processes)
+        check_unfinished(self.path, record, latest, max_steps)
         if latest is not None:
             state = load_trainer_state(latest)
             self.run_id = state.get("run_id", self.run_id)
@@ -325,21 +371,39 @@ class RunDirectory:
             self.changed = compare(self.config, str(latest), old, fingerprint)
             self.resume_from = latest
             return latest
-        record = read_record(self.path)
         if record is not None:  # killed before its first checkpoint: start it again
-            self.changed = compare(self.config, str(self.path), record["fingerprint"], fingerprint)
+            changed = differences(record["fingerprint"], fingerprint)
+            if changed and self.config.resume != "force":
+                compare(self.config, str(self.path), record["fingerprint"], fingerprint)
             self.run_id = record["run_id"]
-        elif any((self.path / name).exists() for name in RUN_ENTRIES[:-1]):  # a cache is no run
+            logger.warning(
+                "resume: %s holds no checkpoint (the run stopped before its first save, "
+                "save_steps=%s): starting again from step 0%s",
+                self.path,
+                self.config.save_steps,
+                f" with {describe_differences(changed)} (resume=force)" if changed else "",
+            )
+            return None  # nothing is continued, so no override is recorded
+        if any((self.path / name).exists() for name in RUN_ENTRIES[:-1]):  # a cache is no run
             raise PathError(
                 f"output_dir={self.path} holds a run without {RUN_FILE} and no checkpoint to "
                 "continue: overwrite=true replaces it, or choose another output_dir"
             )
-        # Warn when the user may have named the wrong directory (or an attempt is restarted); a
-        # stage directory holding only its inputs starts quietly.
-        quiet = record is None and self.path.is_dir() and any(self.path.iterdir())
-        log = logger.info if quiet else logger.warning
-        log("resume: no complete checkpoint in %s; starting fresh", self.path)
+        # A stage directory holding only its inputs starts quietly; a missing or empty one may be
+        # a mistyped path, so say it plainly.
+        quiet = self.path.is_dir() and any(self.path.iterdir())
+        (logger.info if quiet else logger.warning)(
+            "resume: no run in %s to continue: starting a new run at step 0", self.path
+        )
         return None
+
+    def finish(self, step: int) -> None:
+        """The run has saved ``final/`` after ``step`` optimizer steps: record it in
+        ``run.json`` (atomically), so that a resume of a finished run is refused
+        (:func:`check_unfinished`) instead of training it again. Main process only."""
+        if self.accelerator.is_main_process:
+            record = {**self.identity(), "finished_step": step}
+            atomic_write(self.path / RUN_FILE, json.dumps(record, indent=1, default=str).encode())
 
     def prepare(self) -> None:
         """The data is checked and the model loaded: with ``overwrite``, remove the earlier run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpokit.errors import EXIT_DATA, UserError
+from dpokit.errors import EXIT_DATA, EXIT_FILES, UserError
 
 
 class DataError(UserError, ValueError):
@@ -38,6 +38,16 @@ class DataError(UserError, ValueError):
     def __reduce__(self):
         # Errors raised in `datasets.map` worker processes are pickled back to the parent.
         return (DataError, (self.message, self.source, self.row, self.row_kind))
+
+
+class MissingDataError(DataError):
+    """A data path that does not exist: a file problem, so exit code 4 (`EXIT_FILES`), as for a
+    model path that does not exist (the README's exit-code table), not 3 (bad rows)."""
+
+    exit_code = EXIT_FILES
+
+    def __reduce__(self):
+        return (MissingDataError, (self.message, self.source, self.row, self.row_kind))
 
 
 class InvalidRow(ValueError):

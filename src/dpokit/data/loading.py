@@ -25,7 +25,7 @@ from dpokit.hashing import file_sha256
 from dpokit.paths import looks_like_path
 
 from .config import DataConfig
-from .errors import DataError, InvalidRow
+from .errors import DataError, InvalidRow, MissingDataError
 from .formats import detect_format, feature_kind, read_pair_row, row_column_kinds, scores_present
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -78,7 +78,7 @@ def load_source(source, config: DataConfig, split: str | None = None) -> Source:
         if path.is_dir():
             return _from_dir(path, config, split)
         if _data_suffix(path) in BUILDERS or looks_like_path(str(source)):
-            raise DataError("no such file or directory", source=str(source))
+            raise MissingDataError("no such file or directory", source=str(source))
         return _from_hub(str(source), config, split)
     raise TypeError(
         "source must be a path, a dataset name, a datasets.Dataset/DatasetDict or a list of dicts, "
@@ -103,6 +103,16 @@ def _from_rows(rows: list, config: DataConfig) -> Source:
     return Source(dataset, name, dataset._fingerprint, cacheable=False)
 
 
+def _content_lines(path: Path, head: int = 1 << 16) -> int | None:
+    """The lines holding more than white space (after a UTF-8 byte-order mark), counted in a file
+    of under ``head`` bytes; None for a longer file (it holds rows, or the loader says why not)."""
+    with path.open("rb") as handle:
+        start = handle.read(head)
+    if len(start) >= head:
+        return None
+    return sum(1 for line in start.removeprefix(b"\xef\xbb\xbf").split(b"\n") if line.strip())
+
+
 def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
     suffix = _data_suffix(path)
     builder = BUILDERS.get(suffix)
@@ -110,6 +120,10 @@ def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
         raise DataError(
             f"unknown file type {suffix!r}; expected one of {sorted(BUILDERS)}", source=str(path)
         )
+    lines = _content_lines(path)  # else "cannot tell the data format from the columns [none]"
+    if lines == 0 or (lines == 1 and builder == "csv"):
+        what = "holds only a header line" if lines else "is empty"
+        raise DataError(f"the file {what}: no rows to read", source=str(path))
     jsonl = builder == "json" and _is_json_lines(path)
     try:
         dataset = datasets.load_dataset(
@@ -129,6 +143,8 @@ def _from_file(path: Path, config: DataConfig, split: str | None) -> Source:
             # Arrow's reader takes what JSON lines forbid (two objects on one line, one object
             # over several lines): read line by line to name the line.
             dataset = _rebuild_from_rows(_json_rows(path, jsonl), str(path), config, None)
+    if len(dataset) == 0:  # `[]`, a CSV header alone, an empty Parquet table
+        raise DataError(f"the file has no rows (split {split or 'train'})", source=str(path))
     fingerprint = file_sha256(path, prefix=f"{builder}|{split}")
     # Line numbers only mean something when the rows are the file's rows, unsliced.
     locator = RowLocator(str(path) if jsonl and split in (None, "train") else None)
@@ -227,6 +243,8 @@ def _rebuild_from_rows(numbered: list, name: str, config: DataConfig, error: Exc
     """
     _check_dicts(numbered, name)
     rows = [row for _, _, row in numbered]
+    if not rows:  # `[]`
+        raise DataError("the file has no rows", source=name)
     kinds = row_column_kinds(rows)
     try:
         fmt = detect_format(kinds, config)

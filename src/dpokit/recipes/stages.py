@@ -202,11 +202,19 @@ def next_model(directory: Path, config: TrainConfig) -> Path:
 
 
 def finished(directory: Path, config: TrainConfig) -> dict | None:
-    """The stage's record when it completed (and its model is still there), else None."""
+    """The stage's record when it completed (and its model is still there), else None.
+
+    A stage killed after its Trainer finished (``run.json`` holds ``finished_step``) but before
+    ``stage.json`` was written is finished too: its Trainer would refuse to resume it."""
     marker = directory / STAGE_FILE
-    if not marker.exists() or not next_model(directory, config).is_dir():
+    if not next_model(directory, config).is_dir():
         return None
-    return json.loads(marker.read_text())
+    if marker.exists():
+        return json.loads(marker.read_text())
+    record = read_record(directory) or {}
+    if record.get("finished_step") is None:
+        return None
+    return {"global_step": record["finished_step"]}
 
 
 def publish_final(model_dir: Path, final_dir: Path, state: PartialState) -> Path:
