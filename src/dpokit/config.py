@@ -354,7 +354,9 @@ class TrainConfig:
             else:
                 unknown.append(key)
         if problems or unknown:
-            raise ConfigError(unknown_keys_message(unknown, problems, known | method_keys))
+            raise ConfigError(
+                unknown_keys_message(unknown, problems, known | method_keys, spec.name)
+            )
         kwargs["method_args"] = method_args
         return cls(**kwargs)
 

@@ -4,9 +4,12 @@ A TRL user's YAML (``DPOConfig``/``KTOConfig``/``CPOConfig`` + ``ModelConfig`` +
 ``ScriptArguments``, trl 1.16) or ``key=value`` list is translated here into dpokit's
 :class:`~dpokit.config.TrainConfig` keys before validation. Every TRL name is mapped ONCE, in
 :data:`ALIASES` (one :class:`Alias` row per name, also the source of ``docs/trl.md``'s table) and,
-for ``loss_type``, in :data:`LOSS_TYPES`. Names whose meaning depends on the method (``beta`` for
-IPO and SPIN, ``label_smoothing``, ``discopop_tau`` ...) are in :data:`METHOD_ALIASES` and applied
-once the method is known; :mod:`dpokit.trl_translate` applies the tables.
+for ``loss_type`` and the fields its losses read (``beta``, ``label_smoothing``, ``discopop_tau``,
+f-divergence, WPO ...), in :mod:`dpokit.trl_losses` (one table, per field and per component loss
+type, for a single loss type and a list alike). For a method given the dpokit way, names whose
+meaning depends on the method (``beta`` for IPO and SPIN ...) are in :data:`METHOD_ALIASES`
+(derived from that table) and applied once the method is known; :mod:`dpokit.trl_translate`
+applies the tables.
 
 A TRL name with no dpokit meaning is refused by name, with the reason (:data:`REFUSED`); one whose
 value is what dpokit does anyway (``eval_strategy: steps``, ``push_to_hub: false`` ...) is
@@ -20,6 +23,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from dpokit.trl_losses import LOSS_FIELDS, LOSS_TYPES, method_aliases, translate_loss_type
 
 logger = logging.getLogger(__name__)
 
@@ -178,61 +183,6 @@ def _lift_model_kwargs(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
-    """``loss_type`` (a name or a list; TRL 1.16 DPO/KTO/CPO) -> ``method`` (see LOSS_TYPES)."""
-    names = [value] if isinstance(value, str) else list(value)
-    methods = []
-    for name in names:
-        key = str(name).strip().lower()
-        if key not in LOSS_TYPES:
-            raise ValueError(f"{name!r} is not a TRL 1.16 loss_type ({', '.join(LOSS_TYPES)})")
-        method, note = LOSS_TYPES[key]
-        if method is None:
-            raise ValueError(f"{name!r} has no dpokit equivalent: {note}")
-        methods.append(method)
-    out: dict[str, Any] = {"method": methods[0]}
-    # "sft" is a component of `combined`, not a method of its own.
-    if len(methods) > 1 or "loss_weights" in given or methods == ["sft"]:
-        weights = given.get("loss_weights") or [1.0] * len(methods)
-        if len(weights) != len(methods):
-            raise ValueError(f"{len(weights)} loss_weights for {len(methods)} loss types")
-        out = {
-            "method": "combined",
-            "losses": ",".join(methods),
-            "loss_weights": ",".join(str(float(w)) for w in weights),
-        }
-    if methods == ["bco_pair"]:
-        out["baseline"] = "zero"  # TRL 1.x's bco_pair has no running-mean baseline
-    return out
-
-
-# TRL 1.16 loss_type -> (dpokit method, note). DPOConfig's 15 types, KTOConfig's and CPOConfig's.
-LOSS_TYPES: dict[str, tuple[str | None, str]] = {
-    "sigmoid": ("dpo", "DPO; TRL 1.16 ignores label_smoothing here (cDPO is method cdpo)"),
-    "hinge": ("hinge", "RSO's hinge on the reference-normalised margin (not SLiC-HF: slic)"),
-    "ipo": ("ipo", "beta is IPO's tau"),
-    "exo_pair": ("exo_pair", "label_smoothing is EXO's epsilon (smoothing)"),
-    "nca_pair": ("nca_pair", ""),
-    "robust": ("rdpo", "label_smoothing is rDPO's flip rate (eps)"),
-    "bco_pair": ("bco_pair", "TRL 1.x: no running-mean baseline, so baseline=zero"),
-    "sppo_hard": ("sppo_hard", ""),
-    "aot": ("aot", "label_smoothing is AOT's smoothing"),
-    "aot_unpaired": ("aot_unpaired", "label_smoothing is AOT's smoothing"),
-    "apo_zero": ("apo_zero", ""),
-    "apo_down": ("apo_down", ""),
-    "discopop": ("discopop", "discopop_tau is DiscoPOP's tau"),
-    "sft": ("sft", "NLL of the chosen answer; alone it is `combined` with losses=sft"),
-    "sigmoid_norm": ("sigmoid_norm", "DPO on per-token averaged log-ratios"),
-    "kto": ("kto", "KTOConfig"),
-    "apo_zero_unpaired": (
-        None,
-        "dpokit has no unpaired APO; it offers kto (unpaired) and apo_zero (pairs)",
-    ),
-    "simpo": ("cpo_simpo", "CPOConfig's simpo: CPO-SimPO (simpo_gamma is gamma)"),
-    "alphapo": (None, "dpokit has no AlphaPO; it offers cpo, cpo_simpo and simpo"),
-}
-
-
 ALIASES: tuple[Alias, ...] = (
     Alias("model_name_or_path", "model", "", _same("model")),
     Alias("dataset_name", "data", "a hub name, a file or a saved dataset", _same("data")),
@@ -260,7 +210,12 @@ ALIASES: tuple[Alias, ...] = (
         _scheduler,
     ),
     Alias("optim", "optimizer", "adamw_torch(_fused) = adamw, rmsprop", _optim),
-    Alias("loss_type", "method", "see the loss_type table; a list = method combined", _loss_type),
+    Alias(
+        "loss_type",
+        "method",
+        "see the loss_type table; a list = method combined",
+        translate_loss_type,
+    ),
     Alias("loss_weights", "loss_weights", "with a list of loss_types (method combined)", None),
     Alias(
         "precompute_ref_log_probs",
@@ -321,23 +276,15 @@ ALIASES: tuple[Alias, ...] = (
 )
 ALIAS_BY_NAME: dict[str, Alias] = {alias.trl: alias for alias in ALIASES}
 
-# Method hyperparameters under their TRL (or paper) names: TRL name -> {dpokit method -> key}.
-# "*" means every method that has that key.
-METHOD_ALIASES: dict[str, dict[str, str]] = {
-    "beta": {"ipo": "tau", "spin": "lam"},
-    "label_smoothing": {
-        "rdpo": "eps",
-        "exo_pair": "smoothing",
-        "aot": "smoothing",
-        "aot_unpaired": "smoothing",
-        "cdpo": "smoothing",
-        "cpo": "label_smoothing",
-    },
-    "discopop_tau": {"discopop": "tau"},
-    "rpo_alpha": {"*": "nll_weight"},
-    "cpo_alpha": {"cpo": "alpha", "cpo_simpo": "alpha"},
-    "simpo_gamma": {"cpo_simpo": "gamma"},
-}
+# Method hyperparameters under their TRL (or paper) names, for a method given the dpokit way
+# (`method: ipo` with `beta`): TRL name -> {dpokit method -> key}; "*" means every method that
+# has that key. The loss fields come from dpokit.trl_losses.LOSS_FIELDS (the table `loss_type`
+# reads too); the rest are names of methods TRL's DPOConfig does not have.
+METHOD_ALIASES: dict[str, dict[str, str]] = method_aliases()
+METHOD_ALIASES["beta"]["spin"] = "lam"
+METHOD_ALIASES["label_smoothing"].update(cdpo="smoothing", cpo="label_smoothing")
+METHOD_ALIASES["cpo_alpha"]["cpo"] = "alpha"
+METHOD_ALIASES["rpo_alpha"] = {"*": "nll_weight"}
 
 # TRL names whose TRL default is what dpokit does: accepted at that value, refused otherwise.
 SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -397,5 +344,26 @@ REFUSED: dict[str, str] = {
 
 
 TRL_NAMES = frozenset(
-    [*ALIAS_BY_NAME, *METHOD_ALIASES, *SAME_BEHAVIOUR, *COSMETIC, *REFUSED, "loss_weights"]
+    [
+        *ALIAS_BY_NAME,
+        *METHOD_ALIASES,
+        *(f.trl for f in LOSS_FIELDS),
+        *SAME_BEHAVIOUR,
+        *COSMETIC,
+        *REFUSED,
+        "loss_weights",
+    ]
 )
+LOSS_FIELD_NAMES = frozenset(f.trl for f in LOSS_FIELDS)
+__all__ = [
+    "ALIASES",
+    "ALIAS_BY_NAME",
+    "COSMETIC",
+    "LOSS_FIELD_NAMES",
+    "LOSS_TYPES",
+    "METHOD_ALIASES",
+    "REFUSED",
+    "SAME_BEHAVIOUR",
+    "TRL_NAMES",
+    "Alias",
+]

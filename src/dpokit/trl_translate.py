@@ -9,9 +9,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from dpokit.losses import METHODS
+from dpokit.losses.combined import NAME
+from dpokit.losses.options import OPTION_LIMITS
 from dpokit.trl_names import (
     ALIAS_BY_NAME,
     COSMETIC,
+    LOSS_FIELD_NAMES,
     METHOD_ALIASES,
     REFUSED,
     SAME_BEHAVIOUR,
@@ -35,7 +39,9 @@ def translate(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
     ``problems`` holds one message per TRL name that has no dpokit meaning or a value dpokit
     cannot honour, so the caller reports them together with any unknown keys. A TRL name and its
-    dpokit key both given with different values is a problem too. Method-dependent names
+    dpokit key both given with different values is a problem too. With ``loss_type``, the
+    fields its losses read (``beta``, ``label_smoothing`` ...; ``dpokit.trl_losses.LOSS_FIELDS``)
+    are read with it, per component; without it, method-dependent names
     (:data:`METHOD_ALIASES`) are left for :func:`method_alias`.
     """
     out: dict[str, Any] = {}
@@ -60,8 +66,8 @@ def translate(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         elif key in REFUSED:
             problems.append(f"TRL's {key} has no dpokit equivalent: {REFUSED[key]}")
             continue
-        elif key == "loss_weights" and "loss_type" in given:
-            continue  # read with loss_type
+        elif key in (*LOSS_FIELD_NAMES, "loss_weights") and "loss_type" in given:
+            continue  # read with loss_type (dpokit.trl_losses), once per component
         else:
             settings = {key: value}
         for name, setting in settings.items():
@@ -105,28 +111,51 @@ def ignored_method_name(name: str, value: Any, method: str) -> str | None:
     return None
 
 
-def unknown_keys_message(unknown: list[str], problems: list[str], valid: set[str]) -> str:
-    """One message for every unknown key (each with up to three close names among ``valid``, the
-    dpokit keys, and the TRL names, shown with the key they set) and every TRL name dpokit cannot
-    honour (``problems``, from :func:`translate`)."""
+def unknown_keys_message(
+    unknown: list[str], problems: list[str], valid: set[str], method: str | None = None
+) -> str:
+    """One message for every unknown key and every TRL name dpokit cannot honour (``problems``,
+    from :func:`translate`).
+
+    A key that is a hyperparameter of other methods than ``method`` is told apart: it names the
+    methods that take it (and why ``method`` does not, where :data:`OPTION_LIMITS` says).
+    Any other key gets up to three close names among ``valid`` (the dpokit keys) and the TRL
+    names, shown with the key they set.
+    """
     candidates = sorted(valid) + sorted(TRL_NAMES - valid)
 
     def hint(key: str) -> str:
         close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.7)
         return ", ".join(c if c in valid else f"{c} (TRL: {target(c)})" for c in close)
 
-    parts = list(problems)
+    parts = [not_taken(key, method) for key in unknown if _holders(key)]
+    unknown = [key for key in unknown if not _holders(key)]
     if len(unknown) == 1:
         close = hint(unknown[0])
-        parts.insert(
-            0, f"unknown config key {unknown[0]!r}." + (f" Did you mean {close}?" if close else "")
+        parts.append(
+            f"unknown config key {unknown[0]!r}." + (f" Did you mean {close}?" if close else "")
         )
     elif unknown:
         listed = [
             f"{key!r}" + (f" (did you mean {hint(key)}?)" if hint(key) else "") for key in unknown
         ]
-        parts.insert(0, f"{len(unknown)} unknown config keys: {', '.join(listed)}")
-    return "; ".join(parts) + " (`dpokit train --help` lists every key)"
+        parts.append(f"{len(unknown)} unknown config keys: {', '.join(listed)}")
+    suffix = " (`dpokit train --help` lists every key)" if unknown else ""
+    return "; ".join([*parts, *problems]) + suffix
+
+
+def _holders(key: str) -> list[str]:
+    """The methods that have hyperparameter ``key`` (``combined``'s shared copies left out)."""
+    return [name for name, spec in METHODS.items() if key in spec.hyperparameters and name != NAME]
+
+
+def not_taken(key: str, method: str | None) -> str:
+    """``"'f_divergence_type' is a hyperparameter of methods dpo, ... but not of method nca_pair
+    (why)"``: the message for a known key that the chosen method does not take."""
+    holders = _holders(key)
+    why = f" ({OPTION_LIMITS[key]})" if key in OPTION_LIMITS else ""
+    where = f", not of method {method}" if method else ""
+    return f"{key!r} is a hyperparameter of method(s) {', '.join(holders)}{where}{why}"
 
 
 def merge_settings(merged: dict[str, Any], new: Mapping[str, Any]) -> None:

@@ -24,11 +24,17 @@ from dpokit.losses import adapters
 from dpokit.losses.base import LossInputs, LossOutput
 from dpokit.losses.combine import combine_losses
 from dpokit.losses.hyperparameters import Hyperparameter, resolve
+from dpokit.losses.options import wpo_weighted
 from dpokit.losses.spec import REFERENCE_KINDS, MethodSpec, make_spec, replace_spec
 
 NAME = "combined"
 SFT = "sft"  # the NLL component; not a row of the table
+SFT_KEYS = ("use_weighting",)  # WPO weights the sft term too (TRL 1.16 weights every component)
 _OWN = ("losses", "loss_weights")
+# Options that act on the whole objective when set (their value when off): TRL 1.16 applies them
+# to every component and refuses a list with a component that cannot take them, and so does
+# dpokit rather than apply them to some components only.
+WHOLE_OBJECTIVE = {"use_weighting": False, "f_divergence_type": "reverse_kl"}
 
 
 @dataclass(frozen=True)
@@ -107,19 +113,39 @@ def plan(
     weights = _parse_weights(hp["loss_weights"], names)
     given = {key: value for key, value in hp.items() if key not in _OWN and value is not None}
     used = {key for name in names if name in rows for key in rows[name].hyperparameters}
+    used |= set(SFT_KEYS) if SFT in names else set()
     unused = sorted(set(given) - used)
     if unused:
         raise ValueError(
             f"{', '.join(unused)} is set but no component of losses={hp['losses']!r} takes it"
         )
+    _check_whole_objective(given, names, rows)
     components = []
     for name, weight in zip(names, weights, strict=True):
         spec = rows.get(name)
-        own = {} if spec is None else {k: v for k, v in given.items() if k in spec.hyperparameters}
+        keys = SFT_KEYS if spec is None else spec.hyperparameters
+        own = {k: v for k, v in given.items() if k in keys}
         if spec is not None:
             own = resolve(name, spec.hyperparameters, own)  # the component's own range checks
         components.append(Component(name, spec, weight, own))
     return components
+
+
+def _check_whole_objective(
+    given: Mapping[str, Any], names: list[str], rows: Mapping[str, MethodSpec]
+) -> None:
+    """Raise ``ValueError`` when an option of :data:`WHOLE_OBJECTIVE` is on and a component
+    cannot take it (naming the components that can), instead of applying it to some only."""
+    for key, off in WHOLE_OBJECTIVE.items():
+        if key not in given or given[key] == off:
+            continue
+        lacking = [n for n in names if n != SFT and key not in rows[n].hyperparameters]
+        if lacking:
+            takers = [name for name, spec in rows.items() if key in spec.hyperparameters]
+            raise ValueError(
+                f"{key}={given[key]!r} applies to every component, and {', '.join(lacking)} "
+                f"cannot take it; components that can: {', '.join(takers)}, sft"
+            )
 
 
 def compute_combined(
@@ -137,6 +163,8 @@ def compute_combined(
     for part in plan(hp, rows, table, shared):
         if part.spec is None:
             outputs[part.name] = adapters.compute_sft_term(part.name, inputs, {})
+            if part.hyperparameters.get("use_weighting"):
+                outputs[part.name] = wpo_weighted(outputs[part.name], inputs, NAME)
         else:
             outputs[part.name] = part.spec.compute(inputs, part.hyperparameters)
         weights[part.name] = part.weight
