@@ -149,7 +149,10 @@ LOSS_FIELDS: tuple[LossField, ...] = (
 FIELD_BY_NAME: dict[str, LossField] = {f.trl: f for f in LOSS_FIELDS}
 
 # Settings a loss type always has in TRL 1.16, whatever the config says.
-FIXED: dict[str, dict[str, Any]] = {"bco_pair": {"baseline": "zero"}}
+FIXED: dict[str, dict[str, Any]] = {
+    "bco_pair": {"baseline": "zero"},  # TRL 1.x's bco_pair has no running-mean baseline
+    "sft": {"sft_average": "tokens"},  # TRL's sft: -mean over the batch's chosen tokens
+}
 
 
 def loss_type_names(value: Any) -> list[str]:

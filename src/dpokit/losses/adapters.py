@@ -223,6 +223,12 @@ def compute_cpo(
 
 
 def compute_sft_term(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    """The ``sft`` component of a combined objective: ``-logp(y_w) / |y_w|`` per pair."""
+    """The ``sft`` component of a combined objective, ``(B,)`` losses: ``-logp(y_w) / |y_w|`` per
+    pair, or with ``hp["average"] == "tokens"`` TRL 1.16's ``sft``: the NLL per chosen token of
+    the whole batch, ``-sum_i logp(y_w,i) / sum_i |y_w,i|``, the same for every pair (so a WPO
+    weight multiplies it as TRL's does)."""
     chosen, lengths = inputs.require(name, "policy_chosen_logps", "chosen_lengths")
+    if hp.get("average", "answer") == "tokens":
+        tokens = lengths.to(chosen.dtype).sum().clamp(min=1.0)
+        return LossOutput(losses=(-chosen.sum() / tokens).expand(chosen.shape[0]))
     return LossOutput(losses=chosen_nll_term(chosen, lengths, 1.0))

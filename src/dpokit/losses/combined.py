@@ -30,7 +30,7 @@ from dpokit.losses.spec import REFERENCE_KINDS, MethodSpec, make_spec, replace_s
 NAME = "combined"
 SFT = "sft"  # the NLL component; not a row of the table
 SFT_KEYS = ("use_weighting",)  # WPO weights the sft term too (TRL 1.16 weights every component)
-_OWN = ("losses", "loss_weights")
+_OWN = ("losses", "loss_weights", "sft_average")
 # Options that act on the whole objective when set (their value when off): TRL 1.16 applies them
 # to every component and refuses a list with a component that cannot take them, and so does
 # dpokit rather than apply them to some components only.
@@ -127,6 +127,8 @@ def plan(
         own = {k: v for k, v in given.items() if k in keys}
         if spec is not None:
             own = resolve(name, spec.hyperparameters, own)  # the component's own range checks
+        else:
+            own["average"] = hp["sft_average"]
         components.append(Component(name, spec, weight, own))
     return components
 
@@ -162,7 +164,7 @@ def compute_combined(
     outputs, weights = {}, {}
     for part in plan(hp, rows, table, shared):
         if part.spec is None:
-            outputs[part.name] = adapters.compute_sft_term(part.name, inputs, {})
+            outputs[part.name] = adapters.compute_sft_term(part.name, inputs, part.hyperparameters)
             if part.hyperparameters.get("use_weighting"):
                 outputs[part.name] = wpo_weighted(outputs[part.name], inputs, NAME)
         else:
@@ -215,6 +217,13 @@ def _own_hyperparameters() -> dict[str, Hyperparameter]:
             "",
             str,
             "comma list of weights >= 0, one per component; empty: all 1 (MPO: 0.8,0.2,1.0)",
+        ),
+        "sft_average": Hyperparameter(
+            "answer",
+            str,
+            "sft component: NLL per token of each chosen answer, then the mean over pairs "
+            "(answer; RPO), or per chosen token of the whole micro-batch (tokens; TRL 1.16's sft)",
+            choices=("answer", "tokens"),
         ),
     }
 

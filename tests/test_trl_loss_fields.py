@@ -1,0 +1,241 @@
+"""TRL 1.16's loss fields, per loss type, single and in a list (dpokit.trl_losses).
+
+The truth here is written from reading trl 1.16's ``DPOTrainer`` (``__init__``'s checks and
+``_compute_loss``), ``DPOConfig``, ``KTOConfig`` and ``CPOConfig``, not from dpokit's table: which
+loss types read each field, under which dpokit key, TRL's defaults and what TRL refuses. Every TRL
+loss type x every field is checked alone and as a component of a list; a few configs are then
+checked on given log-probs against TRL's loss, rewritten inline from its code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpokit.config import ConfigError, TrainConfig
+from dpokit.losses import LossInputs, get_method
+
+# TRL loss type -> dpokit method (sft alone is method combined with losses=sft).
+METHOD = {
+    "sigmoid": "dpo", "hinge": "hinge", "ipo": "ipo", "exo_pair": "exo_pair",
+    "nca_pair": "nca_pair", "robust": "rdpo", "bco_pair": "bco_pair", "sppo_hard": "sppo_hard",
+    "aot": "aot", "aot_unpaired": "aot_unpaired", "apo_zero": "apo_zero",
+    "apo_down": "apo_down", "discopop": "discopop", "sft": "sft", "sigmoid_norm": "sigmoid_norm",
+    "kto": "kto", "simpo": "cpo_simpo",
+}  # fmt: skip
+DPO_TYPES = [t for t in METHOD if t not in ("kto", "simpo")]
+F_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"}
+
+
+def _reads() -> dict[str, dict[str, str]]:
+    """TRL field -> {loss type that reads it: dpokit key}, from TRL 1.16's _compute_loss."""
+    beta = {t: "beta" for t in METHOD if t not in ("sft", "ipo")}
+    return {
+        "beta": {**beta, "ipo": "tau"},  # IPO's tau is TRL's beta (Eq. 17 comment)
+        "label_smoothing": {
+            "robust": "eps",
+            "exo_pair": "smoothing",
+            "aot": "smoothing",
+            "aot_unpaired": "smoothing",
+            "simpo": "label_smoothing",  # CPOConfig
+        },
+        "discopop_tau": {"discopop": "tau"},
+        "f_divergence_type": dict.fromkeys(F_TYPES, "f_divergence_type"),
+        "f_alpha_divergence_coef": dict.fromkeys(F_TYPES, "f_alpha_divergence_coef"),
+        # every DPO loss type is weighted, sft included (TRL multiplies each per_sequence_loss)
+        "use_weighting": {t: "use_weighting" for t in DPO_TYPES if not t.startswith("aot")},
+        "ld_alpha": {t: "ld_alpha" for t in DPO_TYPES if t != "sft"},  # sft: plain log-probs
+        "cpo_alpha": {"simpo": "alpha"},
+        "simpo_gamma": {"simpo": "gamma"},
+    }
+
+
+READS = _reads()
+# A value other than TRL's default for each field, and TRL's default.
+VALUE = {
+    "beta": 0.25, "label_smoothing": 0.2, "discopop_tau": 0.3, "f_divergence_type": "js_divergence",
+    "f_alpha_divergence_coef": 0.3, "use_weighting": True, "ld_alpha": 0.5, "cpo_alpha": 0.7,
+    "simpo_gamma": 0.4,
+}  # fmt: skip
+TRL_DEFAULT = {
+    "beta": 0.1, "label_smoothing": 0.0, "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5, "use_weighting": False, "ld_alpha": 1.0, "cpo_alpha": 1.0,
+    "simpo_gamma": 0.5,
+}  # fmt: skip
+# What TRL 1.16 refuses: (field, loss type) -> the words of dpokit's message.
+REFUSED = {
+    **{("f_divergence_type", t): "allows an f-divergence only" for t in DPO_TYPES},
+    ("use_weighting", "aot"): "refuses WPO weighting with aot",
+    ("use_weighting", "aot_unpaired"): "refuses WPO weighting with aot",
+}
+for _t in [*F_TYPES, "sft"]:
+    del REFUSED[("f_divergence_type", _t)]
+
+
+def base(types: list[str]) -> dict:
+    """The smallest config TRL accepts for ``types`` (exo_pair needs label_smoothing > 0)."""
+    loss_type = types[0] if len(types) == 1 else types
+    return {"loss_type": loss_type, **({"label_smoothing": 1e-3} if "exo_pair" in types else {})}
+
+
+def cases():
+    for field in VALUE:
+        for loss_type in METHOD:
+            yield field, loss_type
+
+
+@pytest.mark.parametrize(("field", "loss_type"), list(cases()))
+@pytest.mark.parametrize("form", ["single", "list"])
+def test_each_field_reaches_each_loss_type(field, loss_type, form, caplog):
+    if form == "list" and loss_type in ("kto", "simpo"):
+        pytest.skip("KTOConfig's and CPOConfig's loss_type is one name")
+    types = (
+        [loss_type] if form == "single" else [loss_type, "sft" if loss_type != "sft" else "sigmoid"]
+    )
+    values = {**base(types), field: VALUE[field]}
+    refused = [REFUSED[(field, t)] for t in types if (field, t) in REFUSED]
+    if refused:
+        with pytest.raises(ConfigError, match=refused[0]):
+            TrainConfig.from_dict(values)
+        return
+    with caplog.at_level(logging.WARNING):
+        config = TrainConfig.from_dict(values)
+    single = form == "single" and loss_type != "sft"
+    assert config.method == (METHOD[loss_type] if single else "combined")
+    if not single:
+        assert config.method_args["losses"] == ",".join(METHOD[t] for t in types)
+    readers = [t for t in types if t in READS[field]]
+    for t in readers:
+        assert config.method_args[READS[field][t]] == VALUE[field], (t, READS[field][t])
+    if not readers:
+        assert f"{field}={VALUE[field]} ignored: TRL 1.16 ignores it" in caplog.text
+    # the field changes nothing else: the same config without it differs by the readers' keys
+    without = TrainConfig.from_dict(base(types)).method_args
+    changed = {k for k in without if without[k] != config.method_args[k]}
+    assert changed == {READS[field][t] for t in readers}
+
+
+@pytest.mark.parametrize("loss_type", list(METHOD))
+def test_a_field_left_out_has_trl_s_default(loss_type):
+    config = TrainConfig.from_dict(base([loss_type]))
+    for field, readers in READS.items():
+        if loss_type in readers and not (field == "label_smoothing" and loss_type == "exo_pair"):
+            assert config.method_args[readers[loss_type]] == TRL_DEFAULT[field], field
+
+
+def test_trl_defaults_that_differ_from_dpokit_s():
+    # robust: TRL's label_smoothing 0.0 (plain DPO), not dpokit's eps 0.1; in a list too
+    assert TrainConfig.from_dict({"loss_type": "robust"}).method_args["eps"] == 0.0
+    assert TrainConfig.from_dict({"loss_type": ["robust", "sft"]}).method_args["eps"] == 0.0
+    assert TrainConfig.from_dict({"method": "rdpo"}).method_args["eps"] == 0.1  # dpokit's own
+    # bco_pair: no running baseline in TRL 1.x, alone and in a list (MPO)
+    assert TrainConfig.from_dict({"loss_type": "bco_pair"}).method_args["baseline"] == "zero"
+    mpo = TrainConfig.from_dict({"loss_type": ["sigmoid", "bco_pair", "sft"]})
+    assert mpo.method_args["baseline"] == "zero"
+    # exo_pair at TRL's default label_smoothing 0.0: TRL raises, so does dpokit
+    with pytest.raises(ConfigError, match="requires label_smoothing > 0 with exo_pair"):
+        TrainConfig.from_dict({"loss_type": ["exo_pair", "sft"]})
+    # a dpokit key given beside the TRL loss_type wins over TRL's default, and clashes are named
+    assert TrainConfig.from_dict({"loss_type": "robust", "eps": 0.2}).method_args["eps"] == 0.2
+    with pytest.raises(ConfigError, match="label_smoothing=0.1 is eps for loss_type robust"):
+        TrainConfig.from_dict({"loss_type": "robust", "label_smoothing": 0.1, "eps": 0.2})
+
+
+def test_one_dpokit_key_two_trl_fields_in_a_list():
+    # IPO's tau (beta) and DiscoPOP's tau (discopop_tau) are one shared key of `combined`
+    with pytest.raises(ConfigError, match="beta=0.1 .* and discopop_tau=0.05 .* both set"):
+        TrainConfig.from_dict({"loss_type": ["ipo", "discopop"]})
+    same = TrainConfig.from_dict(
+        {"loss_type": ["ipo", "discopop"], "beta": 0.2, "discopop_tau": 0.2}
+    )
+    assert same.method_args["tau"] == 0.2
+
+
+# ---- the loss on given log-probs, against TRL 1.16's formula rewritten inline ------------------
+
+PC = torch.tensor([-12.0, -7.5, -20.0], dtype=torch.float64)
+PR = torch.tensor([-14.0, -6.0, -21.0], dtype=torch.float64)
+RC = torch.tensor([-12.5, -7.0, -19.0], dtype=torch.float64)
+RR = torch.tensor([-13.0, -6.5, -22.5], dtype=torch.float64)
+LC = torch.tensor([4, 6, 3])  # unequal: TRL's sft is a token mean over the batch
+LR = torch.tensor([5, 3, 6])
+SC = torch.tensor([-4.0, -3.0, -5.0], dtype=torch.float64)  # sum of log sum_v p_v^2
+SR = torch.tensor([-5.0, -2.0, -6.5], dtype=torch.float64)
+
+
+def inputs() -> LossInputs:
+    return LossInputs(
+        policy_chosen_logps=PC, policy_rejected_logps=PR, reference_chosen_logps=RC,
+        reference_rejected_logps=RR, chosen_lengths=LC, rejected_lengths=LR,
+        chosen_log_sum_sq=SC, rejected_log_sum_sq=SR, reward_baseline=0.0,
+    )  # fmt: skip
+
+
+def trl_loss(types, weights=None, *, beta=0.1, label_smoothing=0.0, discopop_tau=0.05,
+             f_divergence_type="reverse_kl", use_weighting=False):  # fmt: skip
+    """TRL 1.16 DPOTrainer._compute_loss from sequence log-probs (B pairs)."""
+    chosen_logratios, rejected_logratios = PC - RC, PR - RR
+    if f_divergence_type == "js_divergence":
+        chosen_scores = math.log(2) + F.logsigmoid(chosen_logratios)
+        rejected_scores = math.log(2) + F.logsigmoid(rejected_logratios)
+    else:
+        chosen_scores, rejected_scores = chosen_logratios, rejected_logratios
+    delta_score = chosen_scores - rejected_scores
+    loss = 0.0
+    for loss_type, weight in zip(types, weights or [1.0] * len(types), strict=True):
+        if loss_type == "sigmoid":
+            per = -F.logsigmoid(beta * delta_score)
+        elif loss_type == "hinge":
+            per = torch.relu(1 - beta * delta_score)
+        elif loss_type == "ipo":
+            per = (chosen_scores / LC - rejected_scores / LR - 1 / (2 * beta)) ** 2
+        elif loss_type == "robust":
+            clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta_score)
+            flipped = -label_smoothing * F.logsigmoid(-beta * delta_score)
+            per = (clean - flipped) / (1 - 2 * label_smoothing)
+        elif loss_type == "bco_pair":
+            per = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+        elif loss_type == "aot":
+            delta = torch.sort(PC - PR)[0] - torch.sort(RC - RR)[0]
+            per = (
+                -F.logsigmoid(beta * delta) * (1 - label_smoothing)
+                - F.logsigmoid(-beta * delta) * label_smoothing
+            )
+        elif loss_type == "discopop":
+            logits = delta_score * beta
+            m = torch.sigmoid(logits / discopop_tau)
+            per = -F.logsigmoid(logits) * (1 - m) + torch.exp(-logits) * m
+        elif loss_type == "sft":
+            per = (-PC.sum() / LC.sum()).expand(3)
+        if use_weighting:
+            weights_ = torch.exp((PC - SC) / LC) * torch.exp((PR - SR) / LR)
+            per = per * weights_
+        loss = loss + per.mean() * weight
+    return loss.item()
+
+
+@pytest.mark.parametrize(
+    ("values", "trl"),
+    [
+        ({"loss_type": ["ipo", "sigmoid"], "beta": 0.25}, {"beta": 0.25}),  # F1
+        ({"loss_type": ["robust", "sft"], "label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+        ({"loss_type": "robust"}, {}),  # F5: TRL's label_smoothing 0.0 = plain DPO
+        ({"loss_type": ["aot", "robust"], "label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+        ({"loss_type": ["discopop", "sft"], "discopop_tau": 0.3}, {"discopop_tau": 0.3}),  # F3
+        ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}, {}),
+        ({"loss_type": ["hinge", "ipo"], "f_divergence_type": "js_divergence"},
+         {"f_divergence_type": "js_divergence"}),  # F7
+        ({"loss_type": ["sigmoid", "sft"], "use_weighting": True}, {"use_weighting": True}),
+    ],
+)  # fmt: skip
+def test_first_loss_equals_trl_s_formula(values, trl):
+    config = TrainConfig.from_dict(values)
+    spec = get_method(config.method).bind(config.method_args)
+    got = spec.compute(inputs(), config.method_args).losses.mean().item()
+    types = values["loss_type"] if isinstance(values["loss_type"], list) else [values["loss_type"]]
+    want = trl_loss(types, values.get("loss_weights"), **trl)
+    assert got == pytest.approx(want, abs=1e-9)
