@@ -239,3 +239,29 @@ def test_first_loss_equals_trl_s_formula(values, trl):
     types = values["loss_type"] if isinstance(values["loss_type"], list) else [values["loss_type"]]
     want = trl_loss(types, values.get("loss_weights"), **trl)
     assert got == pytest.approx(want, abs=1e-9)
+
+
+# ---- refusals in dpokit's own names, and the unknown-key message ------------------------------
+
+
+def test_wpo_is_refused_with_aot_in_dpokit_names_too():
+    with pytest.raises(
+        ConfigError, match="'use_weighting' is a hyperparameter of .*not of method aot"
+    ):
+        TrainConfig.from_dict({"method": "aot", "use_weighting": True})
+    with pytest.raises(ConfigError, match="use_weighting=True applies to every component, and aot"):
+        TrainConfig.from_dict({"method": "combined", "losses": "dpo,aot", "use_weighting": True})
+    with pytest.raises(ConfigError, match="f_divergence_type='js_divergence' applies to every"):
+        TrainConfig.from_dict(
+            {"method": "combined", "losses": "hinge,nca_pair", "f_divergence_type": "js_divergence"}
+        )
+
+
+def test_a_key_of_another_method_is_told_apart_from_an_unknown_one():
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict({"method": "nca_pair", "f_divergence_type": "js", "zzz": 1})
+    message = str(info.value)
+    assert "'f_divergence_type' is a hyperparameter of method(s) dpo, " in message
+    assert "not of method nca_pair (f-DPO replaces the log-ratios" in message
+    assert "unknown config key 'zzz'" in message
+    assert "unknown config key 'f_divergence_type'" not in message
