@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.losses import LossInputs, get_method
+from dpokit.trl_losses import LOSS_FIELDS
 
 # TRL loss type -> dpokit method (sft alone is method combined with losses=sft).
 METHOD = {
@@ -265,3 +267,14 @@ def test_a_key_of_another_method_is_told_apart_from_an_unknown_one():
     assert "not of method nca_pair (f-DPO replaces the log-ratios" in message
     assert "unknown config key 'zzz'" in message
     assert "unknown config key 'f_divergence_type'" not in message
+
+
+def test_docs_field_table_matches_the_table():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
+    section = page[page.index("### The fields the losses read") :]
+    for spec in LOSS_FIELDS:
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{spec.trl}` |"))
+        for key in set(spec.keys.values()):
+            assert f"`{key}`" in row, (spec.trl, key)
+        for loss_type in spec.refuses:
+            assert loss_type in row.split("|")[4], (spec.trl, loss_type)

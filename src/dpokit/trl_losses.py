@@ -43,7 +43,10 @@ LOSS_TYPES: dict[str, tuple[str | None, str]] = {
     "apo_zero": ("apo_zero", ""),
     "apo_down": ("apo_down", ""),
     "discopop": ("discopop", "discopop_tau is DiscoPOP's tau"),
-    "sft": ("sft", "NLL of the chosen answer; alone it is `combined` with losses=sft"),
+    "sft": (
+        "sft",
+        "NLL per chosen token of the batch (sft_average=tokens); alone: `combined`, losses=sft",
+    ),
     "sigmoid_norm": ("sigmoid_norm", "DPO on per-token averaged log-ratios"),
     "kto": ("kto", "KTOConfig"),
     "apo_zero_unpaired": (
