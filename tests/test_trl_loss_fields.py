@@ -30,6 +30,7 @@ METHOD = {
     "kto": "kto", "simpo": "cpo_simpo",
 }  # fmt: skip
 DPO_TYPES = [t for t in METHOD if t not in ("kto", "simpo")]
+CPO_TYPES = ("sigmoid", "hinge", "ipo")  # CPOConfig's loss types that DPOConfig also has
 F_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"}
 
 
@@ -99,6 +100,14 @@ def test_each_field_reaches_each_loss_type(field, loss_type, form, caplog):
         [loss_type] if form == "single" else [loss_type, "sft" if loss_type != "sft" else "sigmoid"]
     )
     values = {**base(types), field: VALUE[field]}
+    if form == "single" and field in ("cpo_alpha", "simpo_gamma") and loss_type in CPO_TYPES:
+        # a CPOConfig field makes sigmoid CPO's loss; CPO's hinge and ipo are refused
+        if loss_type != "sigmoid":
+            with pytest.raises(ConfigError, match=f"CPOConfig's {loss_type} loss"):
+                TrainConfig.from_dict(values)
+            return
+        assert TrainConfig.from_dict(values).method == "cpo"
+        return
     refused = [REFUSED[(field, t)] for t in types if (field, t) in REFUSED]
     if refused:
         with pytest.raises(ConfigError, match=refused[0]):
@@ -273,8 +282,55 @@ def test_docs_field_table_matches_the_table():
     page = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
     section = page[page.index("### The fields the losses read") :]
     for spec in LOSS_FIELDS:
-        row = next(line for line in section.splitlines() if line.startswith(f"| `{spec.trl}` |"))
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{spec.trl}` "))
         for key in set(spec.keys.values()):
             assert f"`{key}`" in row, (spec.trl, key)
         for loss_type in spec.refuses:
             assert loss_type in row.split("|")[4], (spec.trl, loss_type)
+
+
+# ---- CPOConfig's loss types and fields ----------------------------------------------------------
+
+
+def test_cpo_config_is_read_as_cpo_and_its_alphapo_alpha_is_refused():
+    # CPOConfig's sigmoid (a CPO field present): CPO, label_smoothing and cpo_alpha its own
+    config = TrainConfig.from_dict(
+        {"loss_type": "sigmoid", "cpo_alpha": 0.5, "label_smoothing": 0.1}
+    )
+    assert (config.method, config.method_args) == (
+        "cpo",
+        {"beta": 0.1, "alpha": 0.5, "label_smoothing": 0.1},
+    )
+    # CPOConfig's alpha is AlphaPO's reward shape, never dpokit's alpha (the NLL weight)
+    with pytest.raises(ConfigError, match="alpha is AlphaPO's reward shape"):
+        TrainConfig.from_dict({"loss_type": "simpo", "alpha": 0.2})
+    simpo = TrainConfig.from_dict({"loss_type": "simpo", "alpha": 0.0})  # TRL's default
+    assert simpo.method_args["alpha"] == 1.0  # cpo_alpha's TRL default
+    for loss_type in ("hinge", "ipo"):  # CPOConfig's reference-free hinge/IPO: not in dpokit
+        with pytest.raises(ConfigError, match=f"CPOConfig's {loss_type} loss"):
+            TrainConfig.from_dict({"loss_type": loss_type, "cpo_alpha": 0.5})
+
+
+def test_method_cpo_does_not_silently_drop_a_cpo_ipo_loss_type(tmp_path):
+    path = tmp_path / "cpo.yaml"
+    path.write_text("loss_type: ipo\nbeta: 0.1\n")
+    with pytest.raises(ConfigError, match="method=cpo replaces loss_type=ipo"):
+        TrainConfig.load(path, ["method=cpo"])
+    path.write_text("loss_type: sigmoid\nbeta: 0.1\n")
+    assert TrainConfig.load(path, ["method=cpo"]).method == "cpo"  # the documented way
+
+
+# ---- one setting, two spellings, one source -----------------------------------------------------
+
+
+def test_two_spellings_in_one_source_are_refused_and_read_together(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 4\nper_device_train_batch_size: 2\n")
+    with pytest.raises(ConfigError, match="batch_size=4 and per_device_train_batch_size=2 both"):
+        TrainConfig.load(path)
+    with pytest.raises(ConfigError, match="both set batch_size"):
+        TrainConfig.load(None, ["batch_size=4", "per_device_train_batch_size=2"])
+    assert TrainConfig.load(path, ["batch_size=3"]).batch_size == 3  # a later source wins
+    path.write_text("bf16: true\nfp16: false\n")  # read together: bf16
+    assert TrainConfig.load(path).mixed_precision == "bf16"
+    assert TrainConfig.load(path, ["fp16=true"]).mixed_precision == "fp16"

@@ -373,16 +373,18 @@ class TrainConfig:
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
             merge_settings(merged, loaded)
         merge_settings(merged, {k: v for k, v in values.items() if v is not None})
+        command_line: dict[str, Any] = {}  # one source: two spellings of a setting are refused
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             try:
-                merge_settings(merged, {key.strip(): yaml.safe_load(raw) if raw.strip() else None})
+                command_line[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as err:
                 raise ConfigError(
                     f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
                 ) from None
+        merge_settings(merged, command_line)
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:

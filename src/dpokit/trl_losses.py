@@ -78,6 +78,16 @@ _WEIGHTING_REFUSED = (
 )
 
 
+_ALPHAPO = (
+    "TRL CPOConfig's alpha is AlphaPO's reward shape, which dpokit does not have (dpokit's "
+    "alpha is CPO's NLL weight, TRL's cpo_alpha); dpokit offers cpo, cpo_simpo and simpo"
+)
+# CPOConfig's own fields: with one of them, loss_type sigmoid/hinge/ipo is CPO's, not DPO's.
+CPO_FIELDS = ("cpo_alpha", "simpo_gamma", "alpha")
+_CPO_TYPES = {"sigmoid": "cpo"}  # "cpo": CPOConfig's sigmoid, not a loss_type name of TRL's
+_METHOD_OF = {**{t: method for t, (method, _) in LOSS_TYPES.items()}, "cpo": "cpo"}
+
+
 def _is_true(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
@@ -100,7 +110,7 @@ class LossField:
     refuses: Mapping[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
 
 
-_BETA_READERS = tuple(t for t in DPO_LOSS_TYPES if t not in ("sft", "ipo")) + ("kto", "simpo")
+_BETA_READERS = (*(t for t in DPO_LOSS_TYPES if t not in ("sft", "ipo")), "kto", "simpo", "cpo")
 _EVERY_PAIR_LOSS = tuple(t for t in DPO_LOSS_TYPES if t != "sft")
 
 LOSS_FIELDS: tuple[LossField, ...] = (
@@ -114,6 +124,7 @@ LOSS_FIELDS: tuple[LossField, ...] = (
             "aot": "smoothing",
             "aot_unpaired": "smoothing",
             "simpo": "label_smoothing",
+            "cpo": "label_smoothing",
         },
         {
             "exo_pair": (
@@ -146,10 +157,19 @@ LOSS_FIELDS: tuple[LossField, ...] = (
     ),
     # TRL's None is "off", dpokit's 1.0; sft reads the plain log-probs in both.
     LossField("ld_alpha", 1.0, dict.fromkeys(_EVERY_PAIR_LOSS, "ld_alpha")),
-    LossField("cpo_alpha", 1.0, {"simpo": "alpha"}),
+    LossField("cpo_alpha", 1.0, {"simpo": "alpha", "cpo": "alpha"}),
     LossField("simpo_gamma", 0.5, {"simpo": "gamma"}),
+    # CPOConfig's `alpha` is AlphaPO's reward shape (TRL's NLL weight is cpo_alpha), not
+    # dpokit's `alpha` (cpo's NLL weight): read here so that it never lands on dpokit's key.
+    LossField(
+        "alpha",
+        0.0,
+        {},
+        {t: (lambda v: float(v) != 0.0, _ALPHAPO) for t in ("simpo", "cpo")},
+    ),
 )
 FIELD_BY_NAME: dict[str, LossField] = {f.trl: f for f in LOSS_FIELDS}
+FIELD_NAMES = frozenset(FIELD_BY_NAME)
 
 # Settings a loss type always has in TRL 1.16, whatever the config says.
 FIXED: dict[str, dict[str, Any]] = {
@@ -203,7 +223,7 @@ def field_settings(types: list[str], given: Mapping[str, Any]) -> dict[str, dict
             logger.warning(ignored_field(spec.trl, value, types))
         for t in readers:
             key = spec.keys[t]
-            if key in given and key != spec.trl:
+            if key in given and key != spec.trl and key not in FIELD_NAMES:
                 if present and given[key] != value:
                     raise ValueError(
                         f"{spec.trl}={value!r} is {key} for loss_type {t}, but {key}="
@@ -233,9 +253,9 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     and where two components need different values under one dpokit key (IPO's ``tau`` from
     ``beta`` and DiscoPOP's ``tau`` from ``discopop_tau``).
     """
-    types = loss_type_names(value)
+    types = _cpo_types(loss_type_names(value), given)
     per_type = field_settings(types, given)
-    methods = [LOSS_TYPES[t][0] for t in types]
+    methods = [_METHOD_OF[t] for t in types]
     if len(types) == 1 and "loss_weights" not in given and types != ["sft"]:
         return {"method": methods[0], **per_type[types[0]]}
     weights = given.get("loss_weights") or [1.0] * len(types)
@@ -262,6 +282,22 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cpo_types(types: list[str], given: Mapping[str, Any]) -> list[str]:
+    """``types`` read as CPOConfig's when ``given`` has a CPOConfig field (``cpo_alpha`` ...):
+    ``sigmoid`` is then CPO's loss (the internal type ``cpo``, method cpo). Raises
+    ``ValueError`` for CPOConfig's hinge and ipo, which dpokit does not have."""
+    if len(types) != 1 or not any(name in given for name in CPO_FIELDS):
+        return types
+    if types[0] in ("hinge", "ipo"):
+        raise ValueError(
+            f"with {', '.join(n for n in CPO_FIELDS if n in given)} this is TRL CPOConfig's "
+            f"{types[0]} loss (reference-free), which dpokit does not have; dpokit offers CPO's "
+            "sigmoid (method cpo), simpo (cpo_simpo), and DPOConfig's "
+            f"{types[0]} with a reference (method {LOSS_TYPES[types[0]][0]}, no CPO fields)"
+        )
+    return [_CPO_TYPES.get(types[0], types[0])]
+
+
 def _field_of(loss_type: str, key: str) -> str:
     """The TRL field that sets dpokit's ``key`` on ``loss_type`` (for messages)."""
     names = [f.trl for f in LOSS_FIELDS if f.keys.get(loss_type) == key]
@@ -275,7 +311,7 @@ def method_aliases() -> dict[str, dict[str, str]]:
     for spec in LOSS_FIELDS:
         for t, key in spec.keys.items():
             if key != spec.trl:
-                table.setdefault(spec.trl, {})[LOSS_TYPES[t][0]] = key
+                table.setdefault(spec.trl, {})[_METHOD_OF[t]] = key
     return table
 
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from dpokit.errors import ConfigError
 from dpokit.losses import METHODS
 from dpokit.losses.combined import NAME
 from dpokit.losses.options import OPTION_LIMITS
@@ -159,10 +160,30 @@ def not_taken(key: str, method: str | None) -> str:
 
 
 def merge_settings(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
-    """``merged`` updated with ``new``; a key replaces the earlier spelling of the same setting
-    (``model=`` on the command line replaces the YAML's ``model_name_or_path``)."""
-    for key, value in new.items():
-        name = str(key).replace("-", "_")
-        for old in [k for k in merged if k != name and target(k) == target(name)]:
+    """``merged`` updated with ``new`` (one source: a YAML file, the keyword values or the
+    command line); a key replaces an EARLIER source's spelling of the same setting
+    (``model=`` on the command line replaces the YAML's ``model_name_or_path``).
+
+    Two spellings of one setting in the same source both stay, so that :func:`translate` refuses
+    them when they differ and reads names that go together (``bf16`` with ``fp16``) together.
+    Raises :class:`ConfigError` when a method replaces a TRL ``loss_type`` whose meaning would be
+    lost (CPOConfig's ``hinge``/``ipo`` by method cpo or cpo_simpo: dpokit has no such CPO).
+    """
+    names = {str(key).replace("-", "_"): value for key, value in new.items()}
+    for name, value in names.items():
+        earlier = [k for k in merged if k not in names and target(k) == target(name)]
+        for old in earlier:
+            _check_replacement(old, merged[old], name, value)
             del merged[old]
         merged[name] = value
+
+
+def _check_replacement(old: str, old_value: Any, name: str, value: Any) -> None:
+    loss_type = str(old_value).strip().lower() if old == "loss_type" else ""
+    method = str(value).strip().lower() if name == "method" else ""
+    if loss_type in ("hinge", "ipo") and method in ("cpo", "cpo_simpo"):
+        raise ConfigError(
+            f"method={value} replaces loss_type={old_value}: dpokit's {method} has no {loss_type} "
+            f"loss (TRL CPOConfig's {loss_type} is not in dpokit); use method {method} with its "
+            f"own loss, or loss_type {loss_type} without CPO (DPOConfig's, with a reference)"
+        )
