@@ -334,3 +334,38 @@ def test_two_spellings_in_one_source_are_refused_and_read_together(tmp_path):
     path.write_text("bf16: true\nfp16: false\n")  # read together: bf16
     assert TrainConfig.load(path).mixed_precision == "bf16"
     assert TrainConfig.load(path, ["fp16=true"]).mixed_precision == "fp16"
+
+
+# ---- TrainingArguments keys of TRL recipes ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"ld_alpha": None}, {"method_args.ld_alpha": 1.0}),  # DPOConfig's default: off
+        ({"train_sampling_strategy": "sequential"}, {"shuffle": False}),  # KTOConfig's default
+        ({"train_sampling_strategy": "random"}, {"shuffle": True}),
+        ({"disable_tqdm": True}, {"progress": False}),
+        ({"adam_epsilon": 1e-8, "hub_strategy": "every_save", "tf32": None}, {"method": "dpo"}),
+        ({"lr_scheduler_kwargs": {}, "save_only_model": False, "data_seed": None}, {}),
+    ],
+)
+def test_recipe_keys_at_trl_s_defaults_are_accepted(values, expected):
+    config = TrainConfig.from_dict(values)
+    for key, want in expected.items():
+        got = config.method_args[key.split(".")[1]] if "." in key else getattr(config, key)
+        assert got == want, key
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tf32": True}, r"TRL's tf32=True has no dpokit equivalent: dpokit leaves TF32"),
+        ({"save_only_model": True}, r"checkpoints hold the optimizer state"),
+        ({"train_sampling_strategy": "group_by_length"}, r"random \(shuffle\) or sequential"),
+        ({"loss_weights": [1.0]}, r"'loss_weights' is a hyperparameter of method\(s\) combined"),
+    ],
+)
+def test_recipe_keys_dpokit_cannot_honour_are_refused_by_name(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(values)

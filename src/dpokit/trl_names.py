@@ -163,6 +163,13 @@ def _optim(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{value!r} is not supported: dpokit has adamw and rmsprop")
 
 
+def _sampling(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    name = str(value).strip().lower()
+    if name not in ("random", "sequential"):
+        raise ValueError(f"{value!r} is not supported: random (shuffle) or sequential (data order)")
+    return {"shuffle": name == "random"}
+
+
 def _padding_free(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     return {"packing": "padding_free"} if _true(value) else {}
 
@@ -259,6 +266,15 @@ ALIASES: tuple[Alias, ...] = (
     Alias("eval_steps", "eval_steps", "whole steps only", _steps("eval_steps")),
     Alias("report_to", "report_to", "a list: tensorboard and/or wandb", _report_to),
     Alias("seed", "seed", "", _same("seed")),
+    Alias(
+        "train_sampling_strategy",
+        "shuffle",
+        "random = true; sequential (KTOConfig's default) = false",
+        _sampling,
+    ),
+    Alias(
+        "disable_tqdm", "progress", "true = progress false", lambda v, g: {"progress": not _true(v)}
+    ),
     Alias("padding_free", "packing", "true = padding_free (exact, any attention)", _padding_free),
     Alias("attn_implementation", "attn_implementation", "", _same("attn_implementation")),
     Alias(
@@ -309,6 +325,15 @@ SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
     "logging_strategy": (("steps",), "dpokit logs every logging_steps"),
     "do_train": ((True,), "dpokit train trains"),
     "do_eval": ((True, False), "dpokit evaluates when there are eval data"),
+    "adam_epsilon": ((1e-8,), "dpokit's AdamW has eps 1e-8"),
+    "lr_scheduler_kwargs": (({}, None), "dpokit's schedules take no extra arguments"),
+    "tf32": ((None, False), "dpokit leaves TF32 matmuls off"),
+    "save_only_model": ((False,), "dpokit checkpoints hold the optimizer state, to resume"),
+    "data_seed": ((None,), "dpokit's data order follows seed"),
+    "eval_on_start": ((False,), "dpokit evaluates every eval_steps and at the end"),
+    "bf16_full_eval": ((False,), "dpokit evaluates in the training precision"),
+    "fp16_full_eval": ((False,), "dpokit evaluates in the training precision"),
+    "ignore_bias_buffers": ((False,), "dpokit has no DDP bias-buffer workaround"),
 }
 # TRL names that change nothing trained (display, hub bookkeeping): accepted, reported ignored.
 COSMETIC = (
@@ -322,6 +347,10 @@ COSMETIC = (
     "pad_to_multiple_of",
     "dataloader_num_workers",
     "remove_unused_columns",
+    "hub_strategy",
+    "ddp_timeout",
+    "torch_empty_cache_steps",
+    "pad_token",  # padded positions are masked out of every log-prob
 )
 # TRL names with no dpokit meaning, refused with the reason.
 REFUSED: dict[str, str] = {

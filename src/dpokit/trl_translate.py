@@ -69,6 +69,8 @@ def translate(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         elif key in (*LOSS_FIELD_NAMES, "loss_weights") and "loss_type" in given:
             continue  # read with loss_type (dpokit.trl_losses), once per component
+        elif key == "ld_alpha" and value is None:
+            continue  # TRL's default: no length desensitising (dpokit's 1.0)
         else:
             settings = {key: value}
         for name, setting in settings.items():
@@ -126,7 +128,7 @@ def unknown_keys_message(
     candidates = sorted(valid) + sorted(TRL_NAMES - valid)
 
     def hint(key: str) -> str:
-        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.7)
+        close = difflib.get_close_matches(key, [c for c in candidates if c != key], 3, 0.7)
         return ", ".join(c if c in valid else f"{c} (TRL: {target(c)})" for c in close)
 
     parts = [not_taken(key, method) for key in unknown if _holders(key)]
@@ -146,8 +148,10 @@ def unknown_keys_message(
 
 
 def _holders(key: str) -> list[str]:
-    """The methods that have hyperparameter ``key`` (``combined``'s shared copies left out)."""
-    return [name for name, spec in METHODS.items() if key in spec.hyperparameters and name != NAME]
+    """The methods that have hyperparameter ``key`` (``combined``'s shared copies left out:
+    combined only where it alone has the key, like ``loss_weights``)."""
+    holders = [n for n, spec in METHODS.items() if key in spec.hyperparameters and n != NAME]
+    return holders or ([NAME] if key in METHODS[NAME].hyperparameters else [])
 
 
 def not_taken(key: str, method: str | None) -> str:
