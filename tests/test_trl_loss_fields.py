@@ -369,3 +369,34 @@ def test_recipe_keys_at_trl_s_defaults_are_accepted(values, expected):
 def test_recipe_keys_dpokit_cannot_honour_are_refused_by_name(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(values)
+
+
+def test_loss_type_lists_as_trl_reads_them():
+    with pytest.raises(ConfigError, match="an empty list"):
+        TrainConfig.from_dict({"loss_type": []})
+    # a loss type listed twice: TRL adds weight * mean(loss) per entry = one term, summed weights
+    twice = TrainConfig.from_dict(
+        {"loss_type": ["sigmoid", "sft", "sigmoid"], "loss_weights": [0.5, 1, 0.25]}
+    )
+    assert (twice.method_args["losses"], twice.method_args["loss_weights"]) == (
+        "dpo,sft",
+        "0.75,1.0",
+    )
+    assert (
+        TrainConfig.from_dict({"loss_type": ["sigmoid", "sigmoid"]}).method_args["loss_weights"]
+        == "2.0"
+    )
+
+
+def test_trl_style_config_has_no_prompt_bound_as_trl_1_16():
+    # DPOConfig 1.16 bounds prompt + completion only (max_length 1024, as dpokit's default)
+    config = TrainConfig.from_dict({"loss_type": ["sigmoid", "bco_pair", "sft"]})
+    assert (config.max_prompt_length, config.max_length) == (None, 1024)
+    assert TrainConfig.from_dict({"method": "dpo"}).max_prompt_length == 512  # dpokit's own
+    older = TrainConfig.from_dict({"loss_type": "sigmoid", "max_completion_length": 100})
+    assert (older.max_prompt_length, older.max_length) == (512, 612)  # TRL < 1.0's two bounds
+
+
+def test_bf16_and_fp16_both_true_in_one_source_are_refused():
+    with pytest.raises(ConfigError, match="bf16 and fp16 are both true"):
+        TrainConfig.load(None, ["bf16=true", "fp16=true"])

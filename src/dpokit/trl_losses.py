@@ -254,19 +254,20 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     ``beta`` and DiscoPOP's ``tau`` from ``discopop_tau``).
     """
     types = _cpo_types(loss_type_names(value), given)
-    per_type = field_settings(types, given)
-    methods = [_METHOD_OF[t] for t in types]
-    if len(types) == 1 and "loss_weights" not in given and types != ["sft"]:
-        return {"method": methods[0], **per_type[types[0]]}
     weights = given.get("loss_weights") or [1.0] * len(types)
     if isinstance(weights, str | int | float):
         weights = [w for w in str(weights).split(",") if w.strip()]
     if len(weights) != len(types):
         raise ValueError(f"{len(weights)} loss_weights for {len(types)} loss types")
+    types, weights = _merge_repeats(types, [float(w) for w in weights])
+    per_type = field_settings(types, given)
+    if types != ["sft"] and len(types) == 1 and "loss_weights" not in given and weights == [1]:
+        return {"method": _METHOD_OF[types[0]], **per_type[types[0]]}
+    methods = [_METHOD_OF[t] for t in types]
     out: dict[str, Any] = {
         "method": "combined",
         "losses": ",".join(methods),
-        "loss_weights": ",".join(str(float(w)) for w in weights),
+        "loss_weights": ",".join(str(w) for w in weights),
     }
     setter: dict[str, str] = {}
     for t in types:
@@ -280,6 +281,15 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
                 )
             out[key], setter[key] = setting, t
     return out
+
+
+def _merge_repeats(types: list[str], weights: list[float]) -> tuple[list[str], list[float]]:
+    """A loss type listed twice is one component whose weight is the sum (TRL adds each entry's
+    ``weight * mean(loss)``, the same loss twice)."""
+    merged: dict[str, float] = {}
+    for t, w in zip(types, weights, strict=True):
+        merged[t] = merged.get(t, 0.0) + w
+    return list(merged), list(merged.values())
 
 
 def _cpo_types(types: list[str], given: Mapping[str, Any]) -> list[str]:

@@ -81,9 +81,11 @@ def translate(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 )
                 continue
             out[name], source[name] = setting, key
-    if _trl_flavoured(given) and "max_length" in given and "max_prompt_length" not in given:
-        # TRL 1.16's DPO/KTO configs bound the whole sequence only (truncation keep_start);
-        # dpokit's default prompt bound (512) would refuse a TRL max_length <= 512.
+    older = ("max_prompt_length", "max_completion_length")  # TRL < 1.0's bounds
+    if _trl_flavoured(given) and not any(name in given for name in older):
+        # TRL 1.16's DPO/KTO configs bound the whole sequence only (max_length, default 1024 as
+        # dpokit's; truncation keep_start): dpokit's prompt bound (512) would cut prompts TRL keeps
+        # and refuse a TRL max_length <= 512.
         out.setdefault("max_prompt_length", None)
     return out, problems
 
