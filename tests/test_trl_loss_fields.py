@@ -157,13 +157,30 @@ def test_trl_defaults_that_differ_from_dpokit_s():
 
 
 def test_one_dpokit_key_two_trl_fields_in_a_list():
-    # IPO's tau (beta) and DiscoPOP's tau (discopop_tau) are one shared key of `combined`
-    with pytest.raises(ConfigError, match="beta=0.1 .* and discopop_tau=0.05 .* both set"):
-        TrainConfig.from_dict({"loss_type": ["ipo", "discopop"]})
+    # IPO's tau (beta) and DiscoPOP's tau (discopop_tau): one name in dpokit, set per component
+    config = TrainConfig.from_dict({"loss_type": ["ipo", "discopop"], "beta": 0.25})
+    assert config.method_args["component_args"] == "ipo.tau=0.25,discopop.tau=0.05"
+    assert config.method_args["tau"] is None and config.method_args["beta"] == 0.25
     same = TrainConfig.from_dict(
         {"loss_type": ["ipo", "discopop"], "beta": 0.2, "discopop_tau": 0.2}
     )
-    assert same.method_args["tau"] == 0.2
+    assert (same.method_args["tau"], same.method_args["component_args"]) == (0.2, "")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("ipo.tau", r"'ipo.tau' is not component.key=value"),
+        ("dpo.tau=0.1", r"'dpo' is not a component"),
+        ("ipo.beta=0.1", r"ipo has no 'beta'; valid: tau, average"),
+        ("ipo.ld_alpha=0.5", r"ld_alpha is one for the whole objective"),
+        ("ipo.tau=-1", r"tau must be"),
+    ],
+)
+def test_component_args_are_checked(args, message):
+    hp = {"losses": "ipo,discopop", "component_args": args}
+    with pytest.raises(ValueError, match=message):
+        get_method("combined").bind(hp)
 
 
 # ---- the loss on given log-probs, against TRL 1.16's formula rewritten inline ------------------
@@ -241,6 +258,7 @@ def trl_loss(types, weights=None, *, beta=0.1, label_smoothing=0.0, discopop_tau
         ({"loss_type": ["hinge", "ipo"], "f_divergence_type": "js_divergence"},
          {"f_divergence_type": "js_divergence"}),  # F7
         ({"loss_type": ["sigmoid", "sft"], "use_weighting": True}, {"use_weighting": True}),
+        ({"loss_type": ["ipo", "discopop"], "beta": 0.25}, {"beta": 0.25}),
     ],
 )  # fmt: skip
 def test_first_loss_equals_trl_s_formula(values, trl):

@@ -248,10 +248,11 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
 
     One loss type: ``method`` and that method's hyperparameters. A list (or ``loss_weights``, or
     ``sft`` alone): method ``combined`` with ``losses``, ``loss_weights`` and, as its shared keys,
-    every component's values from :func:`field_settings`. Raises ``ValueError`` (see
-    :func:`loss_type_names`, :func:`field_settings`), for ``loss_weights`` not one per loss type,
-    and where two components need different values under one dpokit key (IPO's ``tau`` from
-    ``beta`` and DiscoPOP's ``tau`` from ``discopop_tau``).
+    every component's values from :func:`field_settings` (``component_args`` for a key that two
+    components need at different values: IPO's ``tau`` from ``beta``, DiscoPOP's from
+    ``discopop_tau``). Raises ``ValueError`` (see
+    :func:`loss_type_names`, :func:`field_settings`) and for ``loss_weights`` not one per loss
+    type.
     """
     types = _cpo_types(loss_type_names(value), given)
     weights = given.get("loss_weights") or [1.0] * len(types)
@@ -269,18 +270,28 @@ def translate_loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
         "losses": ",".join(methods),
         "loss_weights": ",".join(str(w) for w in weights),
     }
-    setter: dict[str, str] = {}
-    for t in types:
-        for key, setting in per_type[t].items():
-            if key in out and out[key] != setting:
-                first, second = _field_of(setter[key], key), _field_of(t, key)
-                raise ValueError(
-                    f"{first}={out[key]!r} (loss type {setter[key]}) and {second}={setting!r} "
-                    f"(loss type {t}) both set dpokit's {key}, which method combined shares "
-                    f"between its components: give {first} and {second} the same value"
-                )
-            out[key], setter[key] = setting, t
+    shared, per_component = _share(types, per_type)
+    out.update(shared)
+    if per_component:
+        out["component_args"] = ",".join(
+            f"{_METHOD_OF[t]}.{key}={value}" for t, key, value in per_component
+        )
     return out
+
+
+def _share(
+    types: list[str], per_type: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, Any], list[tuple[str, str, Any]]]:
+    """Each component's settings as combined's shared keys, where every component that sets a
+    key sets the same value; a key set to different values (IPO's ``tau`` from ``beta``,
+    DiscoPOP's ``tau`` from ``discopop_tau``) goes per component: ``(type, key, value)``."""
+    values: dict[str, set[str]] = {}
+    for t in types:
+        for key, value in per_type[t].items():
+            values.setdefault(key, set()).add(repr(value))
+    shared = {k: v for t in types for k, v in per_type[t].items() if len(values[k]) == 1}
+    apart = [(t, k, v) for t in types for k, v in per_type[t].items() if len(values[k]) > 1]
+    return shared, apart
 
 
 def _merge_repeats(types: list[str], weights: list[float]) -> tuple[list[str], list[float]]:
@@ -306,12 +317,6 @@ def _cpo_types(types: list[str], given: Mapping[str, Any]) -> list[str]:
             f"{types[0]} with a reference (method {LOSS_TYPES[types[0]][0]}, no CPO fields)"
         )
     return [_CPO_TYPES.get(types[0], types[0])]
-
-
-def _field_of(loss_type: str, key: str) -> str:
-    """The TRL field that sets dpokit's ``key`` on ``loss_type`` (for messages)."""
-    names = [f.trl for f in LOSS_FIELDS if f.keys.get(loss_type) == key]
-    return names[0] if names else key
 
 
 def method_aliases() -> dict[str, dict[str, str]]:

@@ -30,7 +30,9 @@ from dpokit.losses.spec import REFERENCE_KINDS, MethodSpec, make_spec, replace_s
 NAME = "combined"
 SFT = "sft"  # the NLL component; not a row of the table
 SFT_KEYS = ("use_weighting",)  # WPO weights the sft term too (TRL 1.16 weights every component)
-_OWN = ("losses", "loss_weights", "sft_average")
+_OWN = ("losses", "loss_weights", "sft_average", "component_args")
+# Keys the pairwise step reads once for the whole batch: never per component.
+_BATCH_WIDE = ("ld_alpha", "use_weighting", "f_divergence_type", "f_alpha_divergence_coef")
 # Options that act on the whole objective when set (their value when off): TRL 1.16 applies them
 # to every component and refuses a list with a component that cannot take them, and so does
 # dpokit rather than apply them to some components only.
@@ -120,17 +122,43 @@ def plan(
             f"{', '.join(unused)} is set but no component of losses={hp['losses']!r} takes it"
         )
     _check_whole_objective(given, names, rows)
+    per_component = _parse_component_args(hp["component_args"], names, rows)
     components = []
     for name, weight in zip(names, weights, strict=True):
         spec = rows.get(name)
         keys = SFT_KEYS if spec is None else spec.hyperparameters
-        own = {k: v for k, v in given.items() if k in keys}
+        own = {k: v for k, v in given.items() if k in keys} | per_component.get(name, {})
         if spec is not None:
             own = resolve(name, spec.hyperparameters, own)  # the component's own range checks
         else:
             own["average"] = hp["sft_average"]
         components.append(Component(name, spec, weight, own))
     return components
+
+
+def _parse_component_args(
+    text: str, names: list[str], rows: Mapping[str, MethodSpec]
+) -> dict[str, dict[str, str]]:
+    """``"ipo.tau=0.1,discopop.tau=0.05"`` -> ``{"ipo": {"tau": "0.1"}, ...}`` (values parsed
+    later by each component's table). Raises ``ValueError`` for an item not ``name.key=value``, a
+    name not among the components, a key the component does not take, a batch-wide option."""
+    out: dict[str, dict[str, str]] = {}
+    for item in (part.strip() for part in str(text or "").split(",")):
+        if not item:
+            continue
+        left, sep, value = item.partition("=")
+        name, dot, key = left.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"component_args: {item!r} is not component.key=value")
+        if name not in names or name not in rows:
+            raise ValueError(f"component_args: {name!r} is not a component with hyperparameters")
+        if key not in rows[name].hyperparameters:
+            valid = ", ".join(rows[name].hyperparameters)
+            raise ValueError(f"component_args: {name} has no {key!r}; valid: {valid}")
+        if key in _BATCH_WIDE:
+            raise ValueError(f"component_args: {key} is one for the whole objective; set {key}")
+        out.setdefault(name, {})[key] = value.strip()
+    return out
 
 
 def _check_whole_objective(
@@ -217,6 +245,12 @@ def _own_hyperparameters() -> dict[str, Hyperparameter]:
             "",
             str,
             "comma list of weights >= 0, one per component; empty: all 1 (MPO: 0.8,0.2,1.0)",
+        ),
+        "component_args": Hyperparameter(
+            "",
+            str,
+            "values for one component only, over the shared ones: comma list of "
+            "component.key=value (ipo.tau=0.1,discopop.tau=0.05)",
         ),
         "sft_average": Hyperparameter(
             "answer",
