@@ -9,6 +9,7 @@ checked on given log-probs against TRL's loss, rewritten inline from its code.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from dpokit.cli import main
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.losses import LossInputs, get_method
 from dpokit.trl_losses import LOSS_FIELDS
@@ -418,3 +421,36 @@ def test_trl_style_config_has_no_prompt_bound_as_trl_1_16():
 def test_bf16_and_fp16_both_true_in_one_source_are_refused():
     with pytest.raises(ConfigError, match="bf16 and fp16 are both true"):
         TrainConfig.load(None, ["bf16=true", "fp16=true"])
+
+
+# ---- end to end: a TRL YAML with a loss_type list through `dpokit train --config` ---------------
+
+
+def test_trl_list_yaml_first_step_is_trl_s_loss(tmp_path, tiny_dir):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": " yes", "rejected": " no"} for i in range(4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    trl_yaml = {
+        "model_name_or_path": str(tiny_dir),
+        "dataset_name": str(data),
+        "loss_type": ["ipo", "sigmoid", "robust"],
+        "beta": 0.25,
+        "label_smoothing": 0.2,
+        "per_device_train_batch_size": 4,
+        "max_steps": 1,
+        "report_to": "none",
+        "output_dir": str(out),
+    }
+    config = tmp_path / "trl.yaml"
+    config.write_text(yaml.safe_dump(trl_yaml))
+    assert main(["train", "--config", str(config), "progress=false"]) == 0
+    args = yaml.safe_load((out / "config.yaml").read_text())["method_args"]
+    assert (args["tau"], args["beta"], args["eps"]) == (0.25, 0.25, 0.2)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # policy == reference at step 1 (TRL's formulas at h = 0): IPO (0 - 1/(2*0.25))^2 = 4;
+    # sigmoid ln 2; robust ((1 - 0.2) ln 2 - 0.2 ln 2) / (1 - 0.4) = ln 2
+    assert first["loss/ipo"] == pytest.approx(4.0, abs=1e-5)
+    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["loss/rdpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["loss"] == pytest.approx(4.0 + 2 * math.log(2), abs=1e-5)
