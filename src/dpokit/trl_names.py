@@ -67,6 +67,13 @@ def _steps(target: str) -> Callable[[Any, Mapping[str, Any]], dict[str, Any]]:
     return convert
 
 
+def _warmup_steps(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    # transformers 5 (TRL 1.16) has no warmup_ratio: warmup_steps in (0, 1) is the ratio
+    if isinstance(value, float) and 0 < value < 1:
+        return {"warmup_ratio": value}
+    return {"warmup_steps": value}
+
+
 def _max_steps(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     return {"max_steps": None if value in (-1, "-1") else value}  # TRL's -1: not set
 
@@ -210,6 +217,12 @@ ALIASES: tuple[Alias, ...] = (
     Alias("per_device_eval_batch_size", "eval_batch_size", "", _same("eval_batch_size")),
     Alias("num_train_epochs", "num_epochs", "", _same("num_epochs")),
     Alias("max_steps", "max_steps", "-1 = not set", _max_steps),
+    Alias(
+        "warmup_steps",
+        "warmup_steps",
+        "a float in (0, 1) is the ratio = warmup_ratio",
+        _warmup_steps,
+    ),
     Alias(
         "lr_scheduler_type",
         "lr_scheduler",
