@@ -353,6 +353,9 @@ def test_two_spellings_in_one_source_are_refused_and_read_together(tmp_path):
     with pytest.raises(ConfigError, match="both set batch_size"):
         TrainConfig.load(None, ["batch_size=4", "per_device_train_batch_size=2"])
     assert TrainConfig.load(path, ["batch_size=3"]).batch_size == 3  # a later source wins
+    path.write_text("max_steps: 1\nbeta: 0.1\nmax_steps: 2\n")  # PyYAML would keep the last
+    with pytest.raises(ConfigError, match="line 3, column 1: invalid YAML: key 'max_steps' is giv"):
+        TrainConfig.load(path)
     path.write_text("bf16: true\nfp16: false\n")  # read together: bf16
     assert TrainConfig.load(path).mixed_precision == "bf16"
     assert TrainConfig.load(path, ["fp16=true"]).mixed_precision == "fp16"
