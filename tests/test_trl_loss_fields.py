@@ -321,7 +321,7 @@ def test_cpo_config_is_read_as_cpo_and_its_alphapo_alpha_is_refused():
     )
     assert (config.method, config.method_args) == (
         "cpo",
-        {"beta": 0.1, "alpha": 0.5, "label_smoothing": 0.1},
+        {"beta": 0.1, "alpha": 0.5, "label_smoothing": 0.1, "nll_average": "tokens"},
     )
     # CPOConfig's alpha is AlphaPO's reward shape, never dpokit's alpha (the NLL weight)
     with pytest.raises(ConfigError, match="alpha is AlphaPO's reward shape"):
@@ -471,3 +471,14 @@ def test_warmup_as_transformers_5_reads_it():
         scheduler = build_scheduler(config, optimizer, max_steps)
         factors = [scheduler.lr_lambdas[0](step) for step in range(warmup + 1)]
         assert factors[warmup - 1] < 1.0 and factors[warmup] == pytest.approx(1.0), max_steps
+
+
+def test_cpo_simpo_first_loss_equals_trl_s_cpo_trainer():
+    # TRL 1.16 CPOTrainer, loss_type simpo: logits = avg_w - avg_l - gamma / beta,
+    # loss = mean(nls(beta * logits)) + cpo_alpha * cross-entropy over the batch's chosen tokens
+    config = TrainConfig.from_dict({"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.6,
+                                    "cpo_alpha": 0.5})  # fmt: skip
+    got = get_method(config.method).compute(inputs(), config.method_args).losses.mean().item()
+    logits = PC / LC - PR / LR - 0.6 / 2.0
+    want = -F.logsigmoid(2.0 * logits).mean() + 0.5 * (-PC.sum() / LC.sum())
+    assert got == pytest.approx(want.item(), abs=1e-9)

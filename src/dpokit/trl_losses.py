@@ -175,6 +175,8 @@ FIELD_NAMES = frozenset(FIELD_BY_NAME)
 FIXED: dict[str, dict[str, Any]] = {
     "bco_pair": {"baseline": "zero"},  # TRL 1.x's bco_pair has no running-mean baseline
     "sft": {"sft_average": "tokens"},  # TRL's sft: -mean over the batch's chosen tokens
+    "simpo": {"nll_average": "tokens"},  # CPOConfig's NLL: cross-entropy over the batch's tokens
+    "cpo": {"nll_average": "tokens"},
 }
 
 

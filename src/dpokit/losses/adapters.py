@@ -210,16 +210,25 @@ def compute_cpo(
     name: str, inputs: LossInputs, hp: Mapping[str, Any], *, variant: str
 ) -> LossOutput:
     """CPO (``variant="sigmoid"``, summed log-probs) or CPO-SimPO (``"simpo"``, the loss
-    averages per token itself and subtracts ``gamma``); both add ``alpha`` times the NLL."""
+    averages per token itself and subtracts ``gamma``); both add ``alpha`` times the NLL: per
+    answer, or with ``nll_average="tokens"`` TRL's NLL per chosen token of the whole batch
+    (``-sum logp(y_w) / sum |y_w|``, the same on every pair)."""
     logps = inputs.require(name, *POLICY_PAIR, "chosen_lengths", "rejected_lengths")
-    return cpo_loss(
+    tokens = hp.get("nll_average", "answer") == "tokens"
+    out = cpo_loss(
         *logps,
         beta=hp["beta"],
-        alpha=hp["alpha"],
+        alpha=0.0 if tokens else hp["alpha"],
         variant=variant,
         gamma=hp.get("gamma", 0.5),  # CPO (sigmoid) has no gamma; the loss ignores it
         label_smoothing=hp["label_smoothing"],
     )
+    if tokens:
+        chosen, lengths = logps[0], logps[2]
+        nll = (-chosen.sum() / lengths.to(chosen.dtype).sum().clamp(min=1.0)).expand_as(chosen)
+        out.losses = out.losses + hp["alpha"] * nll
+        out.metrics["nll_loss"] = nll.detach()
+    return out
 
 
 def compute_sft_term(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
