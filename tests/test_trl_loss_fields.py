@@ -482,3 +482,12 @@ def test_cpo_simpo_first_loss_equals_trl_s_cpo_trainer():
     logits = PC / LC - PR / LR - 0.6 / 2.0
     want = -F.logsigmoid(2.0 * logits).mean() + 0.5 * (-PC.sum() / LC.sum())
     assert got == pytest.approx(want.item(), abs=1e-9)
+
+
+def test_an_nll_term_is_added_once_in_a_combined_objective():
+    with pytest.raises(
+        ConfigError, match=r"once per component \(dpo, ipo\): add it once as the sft"
+    ):
+        TrainConfig.from_dict({"loss_type": ["sigmoid", "ipo"], "rpo_alpha": 1.0})
+    one = TrainConfig.from_dict({"loss_type": ["sigmoid", "sft"], "rpo_alpha": 0.5})
+    assert one.method_args["nll_weight"] == 0.5  # one component adds it: allowed

@@ -165,7 +165,15 @@ def _check_whole_objective(
     given: Mapping[str, Any], names: list[str], rows: Mapping[str, MethodSpec]
 ) -> None:
     """Raise ``ValueError`` when an option of :data:`WHOLE_OBJECTIVE` is on and a component
-    cannot take it (naming the components that can), instead of applying it to some only."""
+    cannot take it (naming the components that can), instead of applying it to some only; and
+    when ``nll_weight`` would add the same NLL term once per component."""
+    takers = [n for n in names if n != SFT and "nll_weight" in rows[n].hyperparameters]
+    if given.get("nll_weight") and len(takers) > 1:
+        raise ValueError(
+            f"nll_weight={given['nll_weight']} would add the chosen answer's NLL once per "
+            f"component ({', '.join(takers)}): add it once as the sft component instead "
+            "(losses=...,sft with its weight in loss_weights)"
+        )
     for key, off in WHOLE_OBJECTIVE.items():
         if key not in given or given[key] == off:
             continue
