@@ -157,7 +157,7 @@ def _holders(key: str) -> list[str]:
 
 
 def not_taken(key: str, method: str | None) -> str:
-    """``"'f_divergence_type' is a hyperparameter of methods dpo, ... but not of method nca_pair
+    """``"'f_divergence_type' is a hyperparameter of method(s) dpo, ..., not of method nca_pair
     (why)"``: the message for a known key that the chosen method does not take."""
     holders = _holders(key)
     why = f" ({OPTION_LIMITS[key]})" if key in OPTION_LIMITS else ""
