@@ -39,6 +39,6 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, max_steps: int):
     ``warmup_ratio`` of ``max_steps`` warm-up), to be stepped once per optimizer step."""
     warmup = config.warmup_steps
     if warmup is None:
-        warmup = math.ceil(max_steps * config.warmup_ratio)  # as transformers' get_warmup_steps
+        warmup = int(config.warmup_ratio * max_steps)
     schedule = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
