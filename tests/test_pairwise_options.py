@@ -127,7 +127,9 @@ def test_f_divergence_on_dpo_equals_fdpo_loss_and_starts_at_ln2(divergence):
 
 def test_f_divergence_is_offered_only_where_it_is_f_dpo():
     assert "f_divergence_type" in get_method("dpo").hyperparameters
-    for method in ("ipo", "dpop", "odpo", "tdpo2"):  # not functions of summed rho alone
+    # not functions of rho_w - rho_l alone (IPO's and sigmoid_norm's rho / |y| are: they take it,
+    # as in TRL 1.16; tests/test_trl_loss_fields.py checks them against TRL's formula)
+    for method in ("dpop", "odpo", "tdpo2", "nca_pair", "bco_pair", "sppo_hard", "apo_zero"):
         with pytest.raises(ValueError, match="f_divergence_type"):
             get_method(method).compute(e_inputs(), {"f_divergence_type": "forward_kl"})
 

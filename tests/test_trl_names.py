@@ -221,7 +221,9 @@ def test_every_loss_type_maps_to_its_method(loss_type):
     target = "combined" if method == "sft" else method
     if target not in METHODS:
         pytest.skip(f"method {target} is not in the table on this branch yet")
-    config = TrainConfig.from_dict({"loss_type": loss_type})
+    # TRL 1.16 refuses exo_pair at its default label_smoothing 0.0
+    extra = {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
+    config = TrainConfig.from_dict({"loss_type": loss_type, **extra})
     assert config.method == target
 
 
@@ -240,7 +242,7 @@ def test_label_smoothing_under_sigmoid_is_ignored_with_a_warning_not_cdpo(caplog
     with caplog.at_level(logging.WARNING):
         config = TrainConfig.from_dict({"loss_type": "sigmoid", "label_smoothing": 0.1})
     assert (config.method, own(config.method_args)) == ("dpo", {"beta": 0.1})
-    assert "TRL 1.16 ignores it under method dpo" in caplog.text
+    assert "TRL 1.16 ignores it under loss_type sigmoid" in caplog.text
     assert "cdpo" in caplog.text
 
 

@@ -377,7 +377,9 @@ class TrainConfig:
             else:
                 unknown.append(key)
         if problems or unknown:
-            raise ConfigError(unknown_keys_message(unknown, problems, known | method_keys))
+            raise ConfigError(
+                unknown_keys_message(unknown, problems, known | method_keys, spec.name)
+            )
         kwargs["method_args"] = method_args
         return cls(**kwargs)
 
@@ -394,16 +396,18 @@ class TrainConfig:
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
             merge_settings(merged, loaded)
         merge_settings(merged, {k: v for k, v in values.items() if v is not None})
+        command_line: dict[str, Any] = {}  # one source: two spellings of a setting are refused
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
             try:
-                merge_settings(merged, {key.strip(): yaml.safe_load(raw) if raw.strip() else None})
+                command_line[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as err:
                 raise ConfigError(
                     f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
                 ) from None
+        merge_settings(merged, command_line)
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -413,6 +417,25 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML that :meth:`load` reads back to an equal config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -428,7 +451,7 @@ def _read_yaml(path: Path) -> Any:
             f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})"
         ) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""

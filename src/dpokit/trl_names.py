@@ -4,9 +4,12 @@ A TRL user's YAML (``DPOConfig``/``KTOConfig``/``CPOConfig`` + ``ModelConfig`` +
 ``ScriptArguments``, trl 1.16) or ``key=value`` list is translated here into dpokit's
 :class:`~dpokit.config.TrainConfig` keys before validation. Every TRL name is mapped ONCE, in
 :data:`ALIASES` (one :class:`Alias` row per name, also the source of ``docs/trl.md``'s table) and,
-for ``loss_type``, in :data:`LOSS_TYPES`. Names whose meaning depends on the method (``beta`` for
-IPO and SPIN, ``label_smoothing``, ``discopop_tau`` ...) are in :data:`METHOD_ALIASES` and applied
-once the method is known; :mod:`dpokit.trl_translate` applies the tables.
+for ``loss_type`` and the fields its losses read (``beta``, ``label_smoothing``, ``discopop_tau``,
+f-divergence, WPO ...), in :mod:`dpokit.trl_losses` (one table, per field and per component loss
+type, for a single loss type and a list alike). For a method given the dpokit way, names whose
+meaning depends on the method (``beta`` for IPO and SPIN ...) are in :data:`METHOD_ALIASES`
+(derived from that table) and applied once the method is known; :mod:`dpokit.trl_translate`
+applies the tables.
 
 A TRL name with no dpokit meaning is refused by name, with the reason (:data:`REFUSED`); one whose
 value is what dpokit does anyway (``eval_strategy: steps``, ``push_to_hub: false`` ...) is
@@ -20,6 +23,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from dpokit.trl_losses import LOSS_FIELDS, LOSS_TYPES, method_aliases, translate_loss_type
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,13 @@ def _steps(target: str) -> Callable[[Any, Mapping[str, Any]], dict[str, Any]]:
         return {target: value}
 
     return convert
+
+
+def _warmup_steps(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    # transformers 5 (TRL 1.16) has no warmup_ratio: warmup_steps in (0, 1) is the ratio
+    if isinstance(value, float) and 0 < value < 1:
+        return {"warmup_ratio": value}
+    return {"warmup_steps": value}
 
 
 def _max_steps(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,6 +170,13 @@ def _optim(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{value!r} is not supported: dpokit has adamw and rmsprop")
 
 
+def _sampling(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    name = str(value).strip().lower()
+    if name not in ("random", "sequential"):
+        raise ValueError(f"{value!r} is not supported: random (shuffle) or sequential (data order)")
+    return {"shuffle": name == "random"}
+
+
 def _padding_free(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     return {"packing": "padding_free"} if _true(value) else {}
 
@@ -176,61 +195,6 @@ def _lift_model_kwargs(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
         out["attn_implementation"] = kwargs.pop("attn_implementation")
     out["model_init_kwargs"] = kwargs
     return out
-
-
-def _loss_type(value: Any, given: Mapping[str, Any]) -> dict[str, Any]:
-    """``loss_type`` (a name or a list; TRL 1.16 DPO/KTO/CPO) -> ``method`` (see LOSS_TYPES)."""
-    names = [value] if isinstance(value, str) else list(value)
-    methods = []
-    for name in names:
-        key = str(name).strip().lower()
-        if key not in LOSS_TYPES:
-            raise ValueError(f"{name!r} is not a TRL 1.16 loss_type ({', '.join(LOSS_TYPES)})")
-        method, note = LOSS_TYPES[key]
-        if method is None:
-            raise ValueError(f"{name!r} has no dpokit equivalent: {note}")
-        methods.append(method)
-    out: dict[str, Any] = {"method": methods[0]}
-    # "sft" is a component of `combined`, not a method of its own.
-    if len(methods) > 1 or "loss_weights" in given or methods == ["sft"]:
-        weights = given.get("loss_weights") or [1.0] * len(methods)
-        if len(weights) != len(methods):
-            raise ValueError(f"{len(weights)} loss_weights for {len(methods)} loss types")
-        out = {
-            "method": "combined",
-            "losses": ",".join(methods),
-            "loss_weights": ",".join(str(float(w)) for w in weights),
-        }
-    if methods == ["bco_pair"]:
-        out["baseline"] = "zero"  # TRL 1.x's bco_pair has no running-mean baseline
-    return out
-
-
-# TRL 1.16 loss_type -> (dpokit method, note). DPOConfig's 15 types, KTOConfig's and CPOConfig's.
-LOSS_TYPES: dict[str, tuple[str | None, str]] = {
-    "sigmoid": ("dpo", "DPO; TRL 1.16 ignores label_smoothing here (cDPO is method cdpo)"),
-    "hinge": ("hinge", "RSO's hinge on the reference-normalised margin (not SLiC-HF: slic)"),
-    "ipo": ("ipo", "beta is IPO's tau"),
-    "exo_pair": ("exo_pair", "label_smoothing is EXO's epsilon (smoothing)"),
-    "nca_pair": ("nca_pair", ""),
-    "robust": ("rdpo", "label_smoothing is rDPO's flip rate (eps)"),
-    "bco_pair": ("bco_pair", "TRL 1.x: no running-mean baseline, so baseline=zero"),
-    "sppo_hard": ("sppo_hard", ""),
-    "aot": ("aot", "label_smoothing is AOT's smoothing"),
-    "aot_unpaired": ("aot_unpaired", "label_smoothing is AOT's smoothing"),
-    "apo_zero": ("apo_zero", ""),
-    "apo_down": ("apo_down", ""),
-    "discopop": ("discopop", "discopop_tau is DiscoPOP's tau"),
-    "sft": ("sft", "NLL of the chosen answer; alone it is `combined` with losses=sft"),
-    "sigmoid_norm": ("sigmoid_norm", "DPO on per-token averaged log-ratios"),
-    "kto": ("kto", "KTOConfig"),
-    "apo_zero_unpaired": (
-        None,
-        "dpokit has no unpaired APO; it offers kto (unpaired) and apo_zero (pairs)",
-    ),
-    "simpo": ("cpo_simpo", "CPOConfig's simpo: CPO-SimPO (simpo_gamma is gamma)"),
-    "alphapo": (None, "dpokit has no AlphaPO; it offers cpo, cpo_simpo and simpo"),
-}
 
 
 ALIASES: tuple[Alias, ...] = (
@@ -254,13 +218,24 @@ ALIASES: tuple[Alias, ...] = (
     Alias("num_train_epochs", "num_epochs", "", _same("num_epochs")),
     Alias("max_steps", "max_steps", "-1 = not set", _max_steps),
     Alias(
+        "warmup_steps",
+        "warmup_steps",
+        "a float in (0, 1) is the ratio = warmup_ratio",
+        _warmup_steps,
+    ),
+    Alias(
         "lr_scheduler_type",
         "lr_scheduler",
         "linear, cosine; constant_with_warmup = constant; constant = constant, no warmup",
         _scheduler,
     ),
     Alias("optim", "optimizer", "adamw_torch(_fused) = adamw, rmsprop", _optim),
-    Alias("loss_type", "method", "see the loss_type table; a list = method combined", _loss_type),
+    Alias(
+        "loss_type",
+        "method",
+        "see the loss_type table; a list = method combined",
+        translate_loss_type,
+    ),
     Alias("loss_weights", "loss_weights", "with a list of loss_types (method combined)", None),
     Alias(
         "precompute_ref_log_probs",
@@ -304,6 +279,15 @@ ALIASES: tuple[Alias, ...] = (
     Alias("eval_steps", "eval_steps", "whole steps only", _steps("eval_steps")),
     Alias("report_to", "report_to", "a list: tensorboard and/or wandb", _report_to),
     Alias("seed", "seed", "", _same("seed")),
+    Alias(
+        "train_sampling_strategy",
+        "shuffle",
+        "random = true; sequential (KTOConfig's default) = false",
+        _sampling,
+    ),
+    Alias(
+        "disable_tqdm", "progress", "true = progress false", lambda v, g: {"progress": not _true(v)}
+    ),
     Alias("padding_free", "packing", "true = padding_free (exact, any attention)", _padding_free),
     Alias("attn_implementation", "attn_implementation", "", _same("attn_implementation")),
     Alias(
@@ -321,23 +305,15 @@ ALIASES: tuple[Alias, ...] = (
 )
 ALIAS_BY_NAME: dict[str, Alias] = {alias.trl: alias for alias in ALIASES}
 
-# Method hyperparameters under their TRL (or paper) names: TRL name -> {dpokit method -> key}.
-# "*" means every method that has that key.
-METHOD_ALIASES: dict[str, dict[str, str]] = {
-    "beta": {"ipo": "tau", "spin": "lam"},
-    "label_smoothing": {
-        "rdpo": "eps",
-        "exo_pair": "smoothing",
-        "aot": "smoothing",
-        "aot_unpaired": "smoothing",
-        "cdpo": "smoothing",
-        "cpo": "label_smoothing",
-    },
-    "discopop_tau": {"discopop": "tau"},
-    "rpo_alpha": {"*": "nll_weight"},
-    "cpo_alpha": {"cpo": "alpha", "cpo_simpo": "alpha"},
-    "simpo_gamma": {"cpo_simpo": "gamma"},
-}
+# Method hyperparameters under their TRL (or paper) names, for a method given the dpokit way
+# (`method: ipo` with `beta`): TRL name -> {dpokit method -> key}; "*" means every method that
+# has that key. The loss fields come from dpokit.trl_losses.LOSS_FIELDS (the table `loss_type`
+# reads too); the rest are names of methods TRL's DPOConfig does not have.
+METHOD_ALIASES: dict[str, dict[str, str]] = method_aliases()
+METHOD_ALIASES["beta"]["spin"] = "lam"
+METHOD_ALIASES["label_smoothing"].update(cdpo="smoothing", cpo="label_smoothing")
+METHOD_ALIASES["cpo_alpha"]["cpo"] = "alpha"
+METHOD_ALIASES["rpo_alpha"] = {"*": "nll_weight"}
 
 # TRL names whose TRL default is what dpokit does: accepted at that value, refused otherwise.
 SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -362,6 +338,15 @@ SAME_BEHAVIOUR: dict[str, tuple[tuple[Any, ...], str]] = {
     "logging_strategy": (("steps",), "dpokit logs every logging_steps"),
     "do_train": ((True,), "dpokit train trains"),
     "do_eval": ((True, False), "dpokit evaluates when there are eval data"),
+    "adam_epsilon": ((1e-8,), "dpokit's AdamW has eps 1e-8"),
+    "lr_scheduler_kwargs": (({}, None), "dpokit's schedules take no extra arguments"),
+    "tf32": ((None, False), "dpokit leaves TF32 matmuls off"),
+    "save_only_model": ((False,), "dpokit checkpoints hold the optimizer state, to resume"),
+    "data_seed": ((None,), "dpokit's data order follows seed"),
+    "eval_on_start": ((False,), "dpokit evaluates every eval_steps and at the end"),
+    "bf16_full_eval": ((False,), "dpokit evaluates in the training precision"),
+    "fp16_full_eval": ((False,), "dpokit evaluates in the training precision"),
+    "ignore_bias_buffers": ((False,), "dpokit has no DDP bias-buffer workaround"),
 }
 # TRL names that change nothing trained (display, hub bookkeeping): accepted, reported ignored.
 COSMETIC = (
@@ -375,6 +360,10 @@ COSMETIC = (
     "pad_to_multiple_of",
     "dataloader_num_workers",
     "remove_unused_columns",
+    "hub_strategy",
+    "ddp_timeout",
+    "torch_empty_cache_steps",
+    "pad_token",  # padded positions are masked out of every log-prob
 )
 # TRL names with no dpokit meaning, refused with the reason.
 REFUSED: dict[str, str] = {
@@ -397,5 +386,26 @@ REFUSED: dict[str, str] = {
 
 
 TRL_NAMES = frozenset(
-    [*ALIAS_BY_NAME, *METHOD_ALIASES, *SAME_BEHAVIOUR, *COSMETIC, *REFUSED, "loss_weights"]
+    [
+        *ALIAS_BY_NAME,
+        *METHOD_ALIASES,
+        *(f.trl for f in LOSS_FIELDS),
+        *SAME_BEHAVIOUR,
+        *COSMETIC,
+        *REFUSED,
+        "loss_weights",
+    ]
 )
+LOSS_FIELD_NAMES = frozenset(f.trl for f in LOSS_FIELDS)
+__all__ = [
+    "ALIASES",
+    "ALIAS_BY_NAME",
+    "COSMETIC",
+    "LOSS_FIELD_NAMES",
+    "LOSS_TYPES",
+    "METHOD_ALIASES",
+    "REFUSED",
+    "SAME_BEHAVIOUR",
+    "TRL_NAMES",
+    "Alias",
+]

@@ -210,19 +210,34 @@ def compute_cpo(
     name: str, inputs: LossInputs, hp: Mapping[str, Any], *, variant: str
 ) -> LossOutput:
     """CPO (``variant="sigmoid"``, summed log-probs) or CPO-SimPO (``"simpo"``, the loss
-    averages per token itself and subtracts ``gamma``); both add ``alpha`` times the NLL."""
+    averages per token itself and subtracts ``gamma``); both add ``alpha`` times the NLL: per
+    answer, or with ``nll_average="tokens"`` TRL's NLL per chosen token of the whole batch
+    (``-sum logp(y_w) / sum |y_w|``, the same on every pair)."""
     logps = inputs.require(name, *POLICY_PAIR, "chosen_lengths", "rejected_lengths")
-    return cpo_loss(
+    tokens = hp.get("nll_average", "answer") == "tokens"
+    out = cpo_loss(
         *logps,
         beta=hp["beta"],
-        alpha=hp["alpha"],
+        alpha=0.0 if tokens else hp["alpha"],
         variant=variant,
         gamma=hp.get("gamma", 0.5),  # CPO (sigmoid) has no gamma; the loss ignores it
         label_smoothing=hp["label_smoothing"],
     )
+    if tokens:
+        chosen, lengths = logps[0], logps[2]
+        nll = (-chosen.sum() / lengths.to(chosen.dtype).sum().clamp(min=1.0)).expand_as(chosen)
+        out.losses = out.losses + hp["alpha"] * nll
+        out.metrics["nll_loss"] = nll.detach()
+    return out
 
 
 def compute_sft_term(name: str, inputs: LossInputs, hp: Mapping[str, Any]) -> LossOutput:
-    """The ``sft`` component of a combined objective: ``-logp(y_w) / |y_w|`` per pair."""
+    """The ``sft`` component of a combined objective, ``(B,)`` losses: ``-logp(y_w) / |y_w|`` per
+    pair, or with ``hp["average"] == "tokens"`` TRL 1.16's ``sft``: the NLL per chosen token of
+    the whole batch, ``-sum_i logp(y_w,i) / sum_i |y_w,i|``, the same for every pair (so a WPO
+    weight multiplies it as TRL's does)."""
     chosen, lengths = inputs.require(name, "policy_chosen_logps", "chosen_lengths")
+    if hp.get("average", "answer") == "tokens":
+        tokens = lengths.to(chosen.dtype).sum().clamp(min=1.0)
+        return LossOutput(losses=(-chosen.sum() / tokens).expand(chosen.shape[0]))
     return LossOutput(losses=chosen_nll_term(chosen, lengths, 1.0))

@@ -47,6 +47,13 @@ _CPO_SMOOTHING = Hyperparameter(
     0.0, float, "cDPO-style smoothing of the preference term (TRL label_smoothing)", 0.0, 0.5,
     high_open=True,
 )  # fmt: skip
+_CPO_NLL_AVERAGE = Hyperparameter(
+    "answer",
+    str,
+    "NLL term per token of each chosen answer, then the mean over pairs (answer), or per chosen "
+    "token of the whole micro-batch (tokens; TRL 1.16's CPO cross-entropy)",
+    choices=("answer", "tokens"),
+)
 _BCO_HYPERPARAMETERS = {
     "beta": BETA,
     "baseline": Hyperparameter(
@@ -258,7 +265,12 @@ _REFERENCE_FREE_ROWS = [
     make_spec(
         "cpo",
         functools.partial(adapters.compute_cpo, variant="sigmoid"),
-        {"beta": BETA, "alpha": _CPO_ALPHA, "label_smoothing": _CPO_SMOOTHING},
+        {
+            "beta": BETA,
+            "alpha": _CPO_ALPHA,
+            "label_smoothing": _CPO_SMOOTHING,
+            "nll_average": _CPO_NLL_AVERAGE,
+        },
         title="Contrastive preference optimization (CPO)",
         paper=_CPO_PAPER,
         formula="nls(beta * (logp(y_w) - logp(y_l))) [smoothed] + alpha * -logp(y_w) / |y_w|",
@@ -273,6 +285,7 @@ _REFERENCE_FREE_ROWS = [
             "gamma": Hyperparameter(0.5, float, "ABSOLUTE target margin (TRL simpo_gamma)", 0.0),
             "alpha": _CPO_ALPHA,
             "label_smoothing": _CPO_SMOOTHING,
+            "nll_average": _CPO_NLL_AVERAGE,
         },
         title="CPO with SimPO's objective (CPO-SimPO)",
         paper=_CPO_PAPER + "; SimPO: Meng et al. 2024, arXiv:2405.14734",

@@ -24,11 +24,19 @@ from dpokit.losses import adapters
 from dpokit.losses.base import LossInputs, LossOutput
 from dpokit.losses.combine import combine_losses
 from dpokit.losses.hyperparameters import Hyperparameter, resolve
+from dpokit.losses.options import wpo_weighted
 from dpokit.losses.spec import REFERENCE_KINDS, MethodSpec, make_spec, replace_spec
 
 NAME = "combined"
 SFT = "sft"  # the NLL component; not a row of the table
-_OWN = ("losses", "loss_weights")
+SFT_KEYS = ("use_weighting",)  # WPO weights the sft term too (TRL 1.16 weights every component)
+_OWN = ("losses", "loss_weights", "sft_average", "component_args")
+# Keys the pairwise step reads once for the whole batch: never per component.
+_BATCH_WIDE = ("ld_alpha", "use_weighting", "f_divergence_type", "f_alpha_divergence_coef")
+# Options that act on the whole objective when set (their value when off): TRL 1.16 applies them
+# to every component and refuses a list with a component that cannot take them, and so does
+# dpokit rather than apply them to some components only.
+WHOLE_OBJECTIVE = {"use_weighting": False, "f_divergence_type": "reverse_kl"}
 
 
 @dataclass(frozen=True)
@@ -107,19 +115,75 @@ def plan(
     weights = _parse_weights(hp["loss_weights"], names)
     given = {key: value for key, value in hp.items() if key not in _OWN and value is not None}
     used = {key for name in names if name in rows for key in rows[name].hyperparameters}
+    used |= set(SFT_KEYS) if SFT in names else set()
     unused = sorted(set(given) - used)
     if unused:
         raise ValueError(
             f"{', '.join(unused)} is set but no component of losses={hp['losses']!r} takes it"
         )
+    _check_whole_objective(given, names, rows)
+    per_component = _parse_component_args(hp["component_args"], names, rows)
     components = []
     for name, weight in zip(names, weights, strict=True):
         spec = rows.get(name)
-        own = {} if spec is None else {k: v for k, v in given.items() if k in spec.hyperparameters}
+        keys = SFT_KEYS if spec is None else spec.hyperparameters
+        own = {k: v for k, v in given.items() if k in keys} | per_component.get(name, {})
         if spec is not None:
             own = resolve(name, spec.hyperparameters, own)  # the component's own range checks
+        else:
+            own["average"] = hp["sft_average"]
         components.append(Component(name, spec, weight, own))
     return components
+
+
+def _parse_component_args(
+    text: str, names: list[str], rows: Mapping[str, MethodSpec]
+) -> dict[str, dict[str, str]]:
+    """``"ipo.tau=0.1,discopop.tau=0.05"`` -> ``{"ipo": {"tau": "0.1"}, ...}`` (values parsed
+    later by each component's table). Raises ``ValueError`` for an item not ``name.key=value``, a
+    name not among the components, a key the component does not take, a batch-wide option."""
+    out: dict[str, dict[str, str]] = {}
+    for item in (part.strip() for part in str(text or "").split(",")):
+        if not item:
+            continue
+        left, sep, value = item.partition("=")
+        name, dot, key = left.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"component_args: {item!r} is not component.key=value")
+        if name not in names or name not in rows:
+            raise ValueError(f"component_args: {name!r} is not a component with hyperparameters")
+        if key not in rows[name].hyperparameters:
+            valid = ", ".join(rows[name].hyperparameters)
+            raise ValueError(f"component_args: {name} has no {key!r}; valid: {valid}")
+        if key in _BATCH_WIDE:
+            raise ValueError(f"component_args: {key} is one for the whole objective; set {key}")
+        out.setdefault(name, {})[key] = value.strip()
+    return out
+
+
+def _check_whole_objective(
+    given: Mapping[str, Any], names: list[str], rows: Mapping[str, MethodSpec]
+) -> None:
+    """Raise ``ValueError`` when an option of :data:`WHOLE_OBJECTIVE` is on and a component
+    cannot take it (naming the components that can), instead of applying it to some only; and
+    when ``nll_weight`` would add the same NLL term once per component."""
+    takers = [n for n in names if n != SFT and "nll_weight" in rows[n].hyperparameters]
+    if given.get("nll_weight") and len(takers) > 1:
+        raise ValueError(
+            f"nll_weight={given['nll_weight']} would add the chosen answer's NLL once per "
+            f"component ({', '.join(takers)}): add it once as the sft component instead "
+            "(losses=...,sft with its weight in loss_weights)"
+        )
+    for key, off in WHOLE_OBJECTIVE.items():
+        if key not in given or given[key] == off:
+            continue
+        lacking = [n for n in names if n != SFT and key not in rows[n].hyperparameters]
+        if lacking:
+            takers = [name for name, spec in rows.items() if key in spec.hyperparameters]
+            raise ValueError(
+                f"{key}={given[key]!r} applies to every component, and {', '.join(lacking)} "
+                f"cannot take it; components that can: {', '.join(takers)}, sft"
+            )
 
 
 def compute_combined(
@@ -136,7 +200,9 @@ def compute_combined(
     outputs, weights = {}, {}
     for part in plan(hp, rows, table, shared):
         if part.spec is None:
-            outputs[part.name] = adapters.compute_sft_term(part.name, inputs, {})
+            outputs[part.name] = adapters.compute_sft_term(part.name, inputs, part.hyperparameters)
+            if part.hyperparameters.get("use_weighting"):
+                outputs[part.name] = wpo_weighted(outputs[part.name], inputs, NAME)
         else:
             outputs[part.name] = part.spec.compute(inputs, part.hyperparameters)
         weights[part.name] = part.weight
@@ -187,6 +253,19 @@ def _own_hyperparameters() -> dict[str, Hyperparameter]:
             "",
             str,
             "comma list of weights >= 0, one per component; empty: all 1 (MPO: 0.8,0.2,1.0)",
+        ),
+        "component_args": Hyperparameter(
+            "",
+            str,
+            "values for one component only, over the shared ones: comma list of "
+            "component.key=value (ipo.tau=0.1,discopop.tau=0.05)",
+        ),
+        "sft_average": Hyperparameter(
+            "answer",
+            str,
+            "sft component: NLL per token of each chosen answer, then the mean over pairs "
+            "(answer; RPO), or per chosen token of the whole micro-batch (tokens; TRL 1.16's sft)",
+            choices=("answer", "tokens"),
         ),
     }
 

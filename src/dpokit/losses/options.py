@@ -43,12 +43,14 @@ from dpokit.losses.wpo import apply_pair_weights, wpo_weights_from_sums
 
 __all__ = [
     "F_DIVERGENCE_OPTIONS",
+    "OPTION_LIMITS",
     "PAIRWISE_OPTIONS",
     "OptionSettings",
     "SequenceReduction",
     "option_settings",
     "takes_pairwise_options",
     "with_pairwise_options",
+    "wpo_weighted",
 ]
 
 PAIRWISE_OPTIONS: Mapping[str, Hyperparameter] = MappingProxyType(
@@ -94,6 +96,18 @@ F_DIVERGENCE_OPTIONS: Mapping[str, Hyperparameter] = MappingProxyType(
             0.0,
             1.0,
         ),
+    }
+)
+
+
+# Why a pairwise method may lack an option (for the message that names the methods that take it).
+OPTION_LIMITS: Mapping[str, str] = MappingProxyType(
+    {
+        "use_weighting": "WPO weights each pair; AOT's losses are per rank of the sorted batch, so "
+        "a pair's weight would land on another pair's term; TRL 1.16 refuses it too",
+        "f_divergence_type": "f-DPO replaces the log-ratios of a loss of rho_w - rho_l alone, "
+        "where beta * log Z(x) cancels",
+        "f_alpha_divergence_coef": "it is f-DPO's (f_divergence_type=alpha_divergence)",
     }
 )
 
@@ -159,7 +173,7 @@ def option_settings(spec: Any, hyperparameters: Mapping[str, Any] | None) -> Opt
     hp = resolve(spec.name, spec.hyperparameters, hyperparameters)
     # A combined objective shares its parts' keys with None as "each part's own default".
     ld_alpha = PAIRWISE_OPTIONS["ld_alpha"].default if hp["ld_alpha"] is None else hp["ld_alpha"]
-    return OptionSettings(SequenceReduction(ld_alpha), bool(hp["use_weighting"]))
+    return OptionSettings(SequenceReduction(ld_alpha), bool(hp.get("use_weighting")))
 
 
 def _with_ld(inputs: LossInputs, name: str) -> LossInputs:
@@ -184,7 +198,11 @@ def _with_f_divergence(inputs: LossInputs, name: str, hp: Mapping[str, Any]) -> 
     )
 
 
-def _wpo(out: LossOutput, plain: LossInputs, name: str) -> LossOutput:
+def wpo_weighted(out: LossOutput, plain: LossInputs, name: str) -> LossOutput:
+    """``out`` with each example's loss times its detached WPO pair weight (``(B,)``, from the
+    policy's plain summed log-probs, ``chosen/rejected_log_sum_sq`` and the lengths in ``plain``;
+    :func:`~dpokit.losses.wpo.wpo_weights_from_sums`). Raises ``ValueError`` naming method
+    ``name`` when an input is missing."""
     weights = wpo_weights_from_sums(
         *plain.require(
             name,
@@ -199,18 +217,24 @@ def _wpo(out: LossOutput, plain: LossInputs, name: str) -> LossOutput:
     return apply_pair_weights(out, weights)
 
 
-def with_pairwise_options(spec: Any, *, f_divergence: bool = False) -> Any:
+def with_pairwise_options(spec: Any, *, f_divergence: bool = False, weighting: bool = True) -> Any:
     """``spec`` (a ``MethodSpec``) with :data:`PAIRWISE_OPTIONS` (and, with ``f_divergence``,
     :data:`F_DIVERGENCE_OPTIONS`) added to its hyperparameters and applied by its ``compute``
     (see the module docstring for the order).
 
     ``f_divergence=True`` only for a method whose loss depends on the log-ratios of SUMMED
-    log-probs alone (DPO, rDPO, cDPO, ...): the substitution ``policy' = ref + s(rho)`` is f-DPO
-    exactly there. The logged rewards are then the method's own on ``s(rho)``.
+    log-probs alone (DPO, rDPO, hinge, EXO, DiscoPOP, ...), or on those log-ratios divided by the
+    completion lengths (IPO's average, sigmoid_norm): the substitution ``policy' = ref + s(rho)``
+    is f-DPO exactly there (``(ref + s) / n - ref / n = s / n``), as in TRL 1.16. The logged
+    rewards are then the method's own on ``s(rho)``. ``weighting=False`` leaves out
+    ``use_weighting`` (WPO), for a loss whose per-example terms are not per pair (AOT sorts the
+    batch, so a pair's weight would land on a rank; TRL 1.16 refuses it too).
 
     Raises ``ValueError`` when ``spec`` already has a hyperparameter of the same name.
     """
     options = dict(PAIRWISE_OPTIONS, **(F_DIVERGENCE_OPTIONS if f_divergence else {}))
+    if not weighting:
+        del options["use_weighting"]
     clash = sorted(set(options) & set(spec.hyperparameters))
     if clash:
         raise ValueError(f"method {spec.name} already has hyperparameter(s) {clash}")
@@ -230,8 +254,8 @@ def with_pairwise_options(spec: Any, *, f_divergence: bool = False) -> Any:
         if hp["nll_weight"] > 0:
             chosen, lengths = plain.require(name, "policy_chosen_logps", "chosen_lengths")
             out = add_chosen_nll(out, chosen, lengths, weight=hp["nll_weight"])
-        if hp["use_weighting"]:
-            out = _wpo(out, plain, name)
+        if hp.get("use_weighting"):
+            out = wpo_weighted(out, plain, name)
         return out
 
     compute.__name__ = compute.__qualname__ = f"compute_{name}"

@@ -311,10 +311,17 @@ _SPECS = [
 
 _SPECS += CATALOGUE
 # The options of every pairwise method with a reference (nll_weight, ld_alpha, use_weighting;
-# f-DPO's on the losses of rho_w - rho_l of summed log-probs): dpokit.losses.options.
-_F_DIVERGENCE = ("dpo", "rdpo", "stepwise_dpo", "spin")
+# f-DPO's on the losses of the log-ratios rho_w, rho_l alone, summed or divided by the lengths:
+# TRL 1.16's sigmoid, robust, hinge, ipo, exo_pair, discopop, sigmoid_norm): dpokit.losses.options.
+# AOT sorts the batch, so per-pair WPO weights would land on ranks: no use_weighting (TRL refuses).
+_F_DIVERGENCE = (
+    "dpo", "rdpo", "stepwise_dpo", "spin", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm",
+)  # fmt: skip
+_NO_WEIGHTING = ("aot", "aot_unpaired")
 _SPECS = [
-    with_pairwise_options(s, f_divergence=s.name in _F_DIVERGENCE)
+    with_pairwise_options(
+        s, f_divergence=s.name in _F_DIVERGENCE, weighting=s.name not in _NO_WEIGHTING
+    )
     if takes_pairwise_options(s)
     else s
     for s in _SPECS
