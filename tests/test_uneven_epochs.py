@@ -7,7 +7,8 @@ the eval loss counted an eval row twice). dpokit deals each batch to one process
 process with no batch left a weightless filler that only joins the collectives
 (:mod:`dpokit.accumulation`). Each run below on 2 processes (one torchrun launch,
 tests/uneven_runs.py) must equal one process with the global batch: losses at every step and
-final weights to 1e-4 (see the test), and the rows of each step (``rows`` in metrics.jsonl) those of the data.
+final weights to 1e-4 (see the test), and the rows of each step (``rows`` in metrics.jsonl)
+those of the data.
 """
 
 from __future__ import annotations
