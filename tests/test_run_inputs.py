@@ -1,6 +1,7 @@
 """Inputs a new user gets wrong (tester finding F18): an empty data file says it has no rows, a
 missing data file is a file error (exit 4, the README's table), a LoRA adapter records its base
-model's absolute path, and a pad id outside the model's vocabulary is one line, not a crash."""
+model's absolute path, a pad id outside the model's vocabulary pads with EOS instead, and an EOS
+outside it is one line, not a crash."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpokit import train
@@ -73,24 +75,41 @@ def test_lora_adapter_records_the_absolute_base_path(tiny_dir, tmp_path, monkeyp
         torch.testing.assert_close(loaded(ids).logits, direct(ids).logits, atol=0.0, rtol=0.0)
 
 
-def test_a_pad_id_outside_the_vocabulary_is_one_line(tiny_dir, tmp_path, capsys):
-    """transformers 5 gives a Qwen2 tokenizer without <|endoftext|> a new pad token with id
-    len(vocab); here the tiny tokenizer (400 ids, the model's vocab_size) gets one the same way."""
-    model_dir = tmp_path / "bad-pad"
+def _bad_special(tiny_dir, model_dir, role: str):
+    """The tiny model with a tokenizer whose ``role`` token got a new id len(vocab) = 400, the
+    way transformers 5 gives a Qwen2 tokenizer without <|endoftext|> a new pad token."""
     shutil.copytree(tiny_dir, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tokenizer.add_special_tokens({f"{role}_token": "<|endoftext|>"})
     tokenizer.save_pretrained(str(model_dir))
-    assert (
-        tokenizer.pad_token_id
-        == 400
-        == json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    )
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert getattr(tokenizer, f"{role}_token_id") == 400 == vocab
+
+
+def test_a_pad_id_outside_the_vocabulary_pads_with_eos(tiny_dir, tmp_path, caplog):
+    """The run pads with EOS instead (logged) and trains the weights the original tokenizer
+    gives: padding is masked, so the pad id cannot change a number."""
+    _bad_special(tiny_dir, tmp_path / "bad-pad", "pad")
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    settings = ["save_steps=none"]
+    with caplog.at_level("WARNING", logger="dpokit"):
+        code = main(train_argv(tmp_path / "bad-pad", data, tmp_path / "out", *settings))
+    assert code == 0
+    assert "pad token '<|endoftext|>' has id 400, outside the model's vocabulary" in caplog.text
+    assert main(train_argv(tiny_dir, data, tmp_path / "ref", *settings)) == 0
+    got = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    want = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+
+
+def test_an_eos_id_outside_the_vocabulary_is_one_line(tiny_dir, tmp_path, capsys):
+    model_dir = tmp_path / "bad-eos"
+    _bad_special(tiny_dir, model_dir, "eos")
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     assert main(train_argv(model_dir, data, tmp_path / "out")) == EXIT_FILES
     assert error_line(capsys) == (
-        f"tokenizer of {model_dir}: its pad token '<|endoftext|>' has id 400, outside the "
-        "model's vocabulary (vocab_size 400): save the tokenizer with a pad token the model has "
-        "(e.g. tokenizer.pad_token = tokenizer.eos_token), or resize the model's embeddings "
-        "(model.resize_token_embeddings(len(tokenizer)))"
+        f"tokenizer of {model_dir}: its eos token '<|endoftext|>' has id 400, outside the "
+        "model's vocabulary (vocab_size 400): save the tokenizer with an eos token the model "
+        "has, or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
     )

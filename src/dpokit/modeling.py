@@ -64,16 +64,29 @@ def check_special_ids(tokenizer, name_or_path: str, trust_remote_code: bool = Fa
     """The pad, EOS and BOS ids dpokit writes into every batch lie inside the model's embedding
     (``vocab_size`` of the config at ``name_or_path``; read from the config only, no weights).
     transformers 5 gives a Qwen2 tokenizer that lacks ``<|endoftext|>`` a new pad token with id
-    ``len(vocab)``, past the embedding: the first forward then fails deep in ``F.embedding``.
+    ``len(vocab)``, past the embedding: the first padded forward would then fail deep in
+    ``F.embedding``. Such a pad token is replaced by EOS (logged), as a tokenizer without one is:
+    padding is masked out of the loss and attention, so the choice cannot change a number.
 
-    Raises `ModelError` naming the token, its id and the vocabulary size. A path with no model
-    config (a tokenizer alone) is not checked.
+    Raises `ModelError` naming the token, its id and the vocabulary size for an EOS or BOS (or a
+    pad with no usable EOS) outside the vocabulary. A path with no model config (a tokenizer
+    alone) is not checked.
     """
     try:
         model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return
     vocab = getattr(model_config.get_text_config(), "vocab_size", None)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    inside = (lambda i: i is not None and 0 <= i < vocab) if vocab else (lambda i: True)
+    if pad_id is not None and not inside(pad_id) and inside(eos_id):
+        logger.warning(
+            "tokenizer of %s: pad token %r has id %d, outside the model's vocabulary "
+            "(vocab_size %d); padding with EOS %r instead",
+            name_or_path, tokenizer.pad_token, pad_id, vocab, tokenizer.eos_token,
+        )  # fmt: skip
+        tokenizer.pad_token = tokenizer.eos_token
     for role in ("pad", "eos", "bos") if vocab else ():
         token_id = getattr(tokenizer, f"{role}_token_id")
         if token_id is not None and not 0 <= token_id < vocab:
@@ -81,8 +94,8 @@ def check_special_ids(tokenizer, name_or_path: str, trust_remote_code: bool = Fa
             raise ModelError(
                 f"tokenizer of {name_or_path}: its {role} token {token!r} has id {token_id}, "
                 f"outside the model's vocabulary (vocab_size {vocab}): save the tokenizer with "
-                f"a {role} token the model has (e.g. tokenizer.pad_token = tokenizer.eos_token), "
-                "or resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
+                f"{'an' if role == 'eos' else 'a'} {role} token the model has, or resize the "
+                "model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
             )
 
 
