@@ -169,6 +169,7 @@ def test_slic_samples_are_reused_on_resume_and_redrawn_when_settings_change(
     )
     assert first.global_step == 2 and resumed.global_step == 3
     assert cache.read_text() == written
-    changed = {**SAMPLED, "temperature": 0.7}  # a forced resume: the same run directory
+    # a forced resume of the same run directory, past the step it finished at (3)
+    changed = {**SAMPLED, "temperature": 0.7, "max_steps": 4}
     with pytest.raises(AssertionError, match="sampled again"):
         Trainer(make_config(tiny_dir, pairs_file, tmp_path, resume="force", **changed))

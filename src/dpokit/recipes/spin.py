@@ -103,7 +103,8 @@ def run_spin(config: TrainConfig):
     hyperparameters = config.method_args
     state = PartialState()
     tokenizer = load_tokenizer(config.model, config.chat_template, config.trust_remote_code)
-    prompts = read_sft(config, tokenizer)
+    with state.main_process_first():  # one process tokenizes into the shared Arrow cache
+        prompts = read_sft(config, tokenizer)
     names = [f"iter-{t}" for t in range(hyperparameters["iterations"])]
 
     def make_data(index: int, directory: Path, model: str) -> str:
