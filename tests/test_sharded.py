@@ -11,6 +11,7 @@ uninterrupted run's weights; ``final/`` holds gathered, loadable weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from accelerate.utils import DistributedType
@@ -252,6 +254,22 @@ def logged_steps(metrics: Path) -> int:
     return steps
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a torchrun launcher and every process under it. torch 2.13 starts each worker in
+    a session of its own (``start_new_session``), so killing the launcher's process group would
+    leave the workers training on."""
+    try:
+        launcher = psutil.Process(pid)
+        processes = [*launcher.children(recursive=True), launcher]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(processes[:-1], timeout=30)  # the launcher is proc.wait()ed
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
 def test_sigkill_of_a_sharded_run_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     values = dict(
         COMMON,
@@ -275,14 +293,17 @@ def test_sigkill_of_a_sharded_run_then_resume_equals_an_uninterrupted_run(tiny_d
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the run never reached step 3"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no cleanup
+        kill_tree(proc.pid)  # the launcher and both workers, no cleanup
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.wait(timeout=60)
         log.close()
+    logged = logged_steps(run_dir / "metrics.jsonl")
+    time.sleep(2)  # nothing trains on: the workers are gone, not only the launcher
+    assert logged_steps(run_dir / "metrics.jsonl") == logged
     assert not (run_dir / "final").exists()
-    assert 3 <= logged_steps(run_dir / "metrics.jsonl") < 8
+    assert 3 <= logged < 8
 
     command = torchrun_command(2, free_port(), [*args, "--resume"])
     assert "resumed from" in run(command, child_env(tmp_path), timeout=300)
