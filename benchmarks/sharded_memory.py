@@ -12,6 +12,10 @@ process (unsharded) and once with two (sharded); each process reports its peak R
         benchmarks/sharded_memory.py --out benchmarks/results/sharded_memory_2.json
 
 Not a test: it needs ~8 GB for one process (fp32: 4 + 4 + 8 bytes per parameter) and minutes.
+With two processes only process 0 builds the model; process 1 builds it on the meta device and
+receives its shards from process 0 (``shard_scorer``), as ``sharding=fsdp`` runs do.
+``peak_rss_after_loading_gb`` is the peak once the model is built and sharded, before training.
+A smaller model fits a small machine: ``--hidden 512 --intermediate 1408 --layers 12`` (71M).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dpokit.logprobs import CompletionScorer
+from dpokit.modeling import build_scorer
 from dpokit.sharding import clip_grad_norm, shard_scorer
 
 
@@ -41,7 +45,9 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def build(args) -> torch.nn.Module:
+def build(args, empty: bool) -> torch.nn.Module:
+    """The benchmark's Llama, randomly initialised (seed 0); ``empty``: on the meta device, as
+    a sharded run's processes other than 0 build it (its shards then come from process 0)."""
     config = AutoConfig.for_model(
         "llama",
         vocab_size=args.vocab,
@@ -53,7 +59,8 @@ def build(args) -> torch.nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta" if empty else "cpu"):
+        model = AutoModelForCausalLM.from_config(config)
     model.config.use_cache = False
     return model
 
@@ -70,11 +77,13 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = build(args)
+    empty = world > 1 and rank != 0  # only process 0 holds the whole model, as in a run
+    model = build(args, empty)
     params = sum(p.numel() for p in model.parameters())
-    scorer = CompletionScorer(model, chunk_size=256, fast=True)
+    scorer = build_scorer(model, empty, chunk_size=256, fast=True)
     if world > 1:
         shard_scorer(scorer, model)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(
         0, args.vocab, (2, args.tokens), generator=torch.Generator().manual_seed(rank)
@@ -95,6 +104,8 @@ def main() -> None:
         "processes": world,
         "rank": rank,
         "parameters": params,
+        "model": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "vocab")},
+        "peak_rss_after_loading_gb": loaded_rss,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "weights_gb": local_bytes(scorer.parameters()) / 2**30,
         "grads_gb": local_bytes(p.grad for p in scorer.parameters()) / 2**30,

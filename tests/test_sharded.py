@@ -28,11 +28,13 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import CORPUS
 from dpokit import train
 from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import own_sharding
 from dpokit.logprobs import full_logits_logps
 from dpokit.metrics import read_metrics
+from dpokit.tiny import build_tiny_model, build_tiny_tokenizer
 from multiproc import REPO, child_env, free_port, run, torchrun_command
 from test_distributed import (
     COMMON,
@@ -133,6 +135,53 @@ def test_sharded_chunked_logps_and_token_kl_equal_full_logits(tiny_dir, other_mo
     torch.testing.assert_close(torch.tensor(got["logps"]), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(got["kl"]), expected_kl, rtol=1e-5, atol=1e-5)
     assert expected_kl.min() > 0.01  # two different models: the KL is not trivially zero
+
+
+# ---- loading: only process 0 reads the weights ------------------------------------------------
+
+
+@pytest.mark.parametrize("tied,lora", [(True, "none"), (False, "lora")])
+def test_sharded_loading_reads_weights_on_process_0_only(tied, lora, tmp_path):
+    """Process 1 builds on meta (0 bytes before fully_shard); after loading, every parameter
+    (gathered) and buffer (RoPE's non-persistent inv_freq too) on both processes equals the
+    unsharded checkpoint exactly, tied embeddings stay one parameter, and LoRA's adapters (seeded
+    differently per process) are process 0's."""
+    tokenizer = build_tiny_tokenizer(CORPUS, tmp_path / "model", vocab_size=300)
+    build_tiny_model(tokenizer, tmp_path / "model", tie_word_embeddings=tied)
+    worker = str(REPO / "tests" / "sharded_load.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    command += [
+        f"--master_port={free_port()}",
+        worker,
+        str(tmp_path / "model"),
+        lora,
+        str(tmp_path),
+    ]
+    run(command, child_env(tmp_path, PYTHONPATH=os.pathsep.join(sys.path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[1]["all_meta_before"] and ranks[1]["bytes_before"] == 0
+    assert not ranks[0]["all_meta_before"] and ranks[0]["bytes_before"] > 100_000  # it loaded
+    unsharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    expected = dict(unsharded.named_parameters()) | dict(unsharded.named_buffers())
+    prefix = "base_model.model." if lora == "lora" else ""
+    for got in ranks:
+        assert got["sharded"] and got["tied"] == tied
+        tensors = got["parameters"] | got["buffers"]
+        base = {k.removeprefix(prefix).replace(".base_layer", ""): v for k, v in tensors.items()}
+        adapters = {k for k in base if "lora_" in k}
+        assert len(adapters) == (8 if lora == "lora" else 0)  # A and B of q, v in 2 layers
+        assert set(base) - adapters == set(expected)
+        for name, value in expected.items():
+            assert torch.equal(base[name], value.detach()), name
+    first, second = ranks[0]["parameters"], ranks[1]["parameters"]
+    for name in (k for k in first if "lora_A" in k):  # seeds 100 and 101: broadcast, not drawn
+        assert torch.equal(second[name], first[name]) and first[name].abs().sum() > 0, name
+    # RoPE's inverse frequencies, worked out directly: 1 / theta^(2i/d), i < d/2.
+    config = unsharded.config
+    dim = config.hidden_size // config.num_attention_heads
+    inv_freq = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim)
+    buffer = f"{prefix}model.rotary_emb.inv_freq"
+    torch.testing.assert_close(ranks[1]["buffers"][buffer], inv_freq, rtol=0, atol=0)
 
 
 # ---- parity: 2 sharded processes == 1 process ---------------------------------------------------

@@ -105,7 +105,13 @@ class Trainer:
         fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
         self.run_dir.verify(fingerprint, len(self.train_data))  # another run's, a finished run
         self.dtype = resolve_dtype(config.dtype)
-        self.policy = build_policy(config, self.dtype, None if self.sharded else self.sharding)
+        # FSDP2: only process 0 reads the weights; the others build on meta (dpokit.sharding).
+        self.policy = build_policy(
+            config,
+            self.dtype,
+            None if self.sharded else self.sharding,
+            self.sharded and not self.is_main,
+        )
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             shard_scorer(self.policy, self.policy.model, self.accelerator.device.type)
         self.run_dir.prepare()  # overwrite=true: the earlier run is removed here

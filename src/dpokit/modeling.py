@@ -228,6 +228,7 @@ def load_model(
     disable_dropout: bool = False,
     loading: Mapping[str, Any] | None = None,
     mlp_chunk_tokens: int | None = None,
+    empty: bool = False,
 ):
     """A causal LM from a path or hub id in ``dtype``, without KV cache (training forwards).
 
@@ -238,16 +239,23 @@ def load_model(
     ``disable_dropout``: built with its config's drop probabilities at 0 and then passed
     through :func:`switch_off_dropout` (see there), so it trains without dropout.
     ``loading``: more ``from_pretrained`` arguments (:func:`loading_kwargs` of the run's config).
+    ``empty``: build the same model from its config on the meta device, reading no weights (a
+    sharded run's processes other than the first: their shards are filled from process 0 by
+    :func:`dpokit.sharding.shard_scorer`, which also checks that the configs agree).
     """
     kwargs = dict(loading or {})
-    if disable_dropout:
+    if disable_dropout or empty:
         trust = bool(kwargs.get("trust_remote_code", False))
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
-        changed = zero_config_dropout(config)
+        revision = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust, **revision)
+        changed = zero_config_dropout(config) if disable_dropout else []
         if changed:
             logger.info("disable_dropout: %s set to 0 for %s", ", ".join(changed), name_or_path)
         kwargs["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if empty:
+        model = empty_model(kwargs, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if disable_dropout:
         switch_off_dropout(model)
     model.config.use_cache = False  # no KV cache in training forwards
@@ -256,6 +264,17 @@ def load_model(
         if mlp_chunk_tokens is not None:
             chunk_mlps(model, mlp_chunk_tokens)
     return model
+
+
+def empty_model(kwargs: dict[str, Any], dtype: torch.dtype):
+    """The model ``from_pretrained(**kwargs)`` would build, on the meta device (parameters and
+    buffers have shapes and dtypes but no storage) and in eval mode as ``from_pretrained``
+    leaves it. ``kwargs`` holds the ``config`` and the other ``from_pretrained`` arguments;
+    those that shape the model (``attn_implementation``, ``trust_remote_code``) are passed on."""
+    shaping = {k: kwargs[k] for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(kwargs["config"], dtype=dtype, **shaping)
+    return model.eval()
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
@@ -281,12 +300,38 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def build_policy(config, dtype: torch.dtype, sharding: str | None) -> CompletionScorer:
+def build_scorer(model, empty: bool = False, **kwargs) -> CompletionScorer:
+    """``CompletionScorer(model, **kwargs)``; ``empty``: ``model`` was built on the meta device
+    by :func:`load_model` and gets process 0's weights when it is sharded, before any forward.
+
+    CompletionScorer reads an LM head weight on the meta device as offloaded by accelerate and
+    picks the exact path for it (with a warning), while process 0 would pick the chunked one and
+    the processes' FSDP collectives would then differ. So an empty model's scorer is built while
+    the head weight is a stand-in of the same shape and dtype that holds one element (an
+    expanded scalar), and the meta parameter (tied or not) is put back afterwards.
+    """
+    head = model.get_output_embeddings() if empty else None
+    inner = getattr(head, "original_module", head)  # peft's modules_to_save wrapper
+    weight = getattr(inner, "weight", None)
+    if weight is None or not weight.is_meta:
+        return CompletionScorer(model, **kwargs)
+    stand_in = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+    inner.weight = torch.nn.Parameter(stand_in, requires_grad=weight.requires_grad)
+    try:
+        return CompletionScorer(model, **kwargs)
+    finally:
+        inner.weight = weight
+
+
+def build_policy(
+    config, dtype: torch.dtype, sharding: str | None, empty: bool = False
+) -> CompletionScorer:
     """The policy to train: ``config.model`` in ``dtype`` (LoRA adapters added with
     ``config.lora``) wrapped in a :class:`~dpokit.logprobs.CompletionScorer`.
 
     ``config``: the run's :class:`~dpokit.config.TrainConfig`; ``sharding``: ``"fsdp"``,
-    ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`).
+    ``"zero3"`` or None (:func:`dpokit.distributed.parameter_sharding`); ``empty``: on the meta
+    device, no weights read (:func:`load_model`; dpokit's FSDP2 on processes other than 0).
     """
     model = load_model(
         config.model,
@@ -295,6 +340,7 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
         disable_dropout=config.disable_dropout,
         loading=loading_kwargs(config),
         mlp_chunk_tokens=config.mlp_chunk_tokens,
+        empty=empty,
     )
     if config.lora:  # after disable_dropout: the adapter's lora_dropout is the user's setting
         model = apply_lora(
@@ -306,8 +352,9 @@ def build_policy(config, dtype: torch.dtype, sharding: str | None) -> Completion
         )
     # Sharded parameters are whole only inside their module's forward: score through the full
     # model (the exact path) rather than reading the LM head weight (dpokit.distributed).
-    policy = CompletionScorer(
+    policy = build_scorer(
         model,
+        empty,
         chunk_size=config.logps_chunk_size,
         fast=False if sharding else None,
         saved_softmax_mb=config.logps_saved_softmax_mb,

@@ -34,7 +34,7 @@ from dpokit.distributed import (
 )
 from dpokit.errors import NonFiniteError
 from dpokit.logprobs import CompletionScorer, ScoreOutput, scorer_kwargs
-from dpokit.modeling import load_model, loading_kwargs
+from dpokit.modeling import build_scorer, load_model, loading_kwargs
 from dpokit.reference_cache import (
     CacheKey,
     PrecomputedReference,
@@ -245,14 +245,18 @@ class ReferenceBuilder:
     def frozen(self) -> FrozenReference:
         """A frozen copy of ``config.reference`` (else the starting model) on the device."""
         name = self.config.reference or self.config.model
+        # dpokit's FSDP2: processes other than 0 build it on meta; shard_scorer fills them.
+        empty = self.sharding == "fsdp2" and not self.accelerator.is_main_process
         model = load_model(
             name,
             self.dtype,
             disable_dropout=self.config.disable_dropout,
             loading=loading_kwargs(self.config),
+            empty=empty,
         )
-        scorer = CompletionScorer(
+        scorer = build_scorer(
             model,
+            empty,
             chunk_size=self.config.logps_chunk_size,
             pass_tokens=self.config.decoder_pass_tokens,
         )

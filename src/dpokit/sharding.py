@@ -32,11 +32,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+
+from dpokit.errors import ModelError
 
 logger = logging.getLogger("dpokit")
 
@@ -56,19 +59,31 @@ def layer_classes(model: nn.Module) -> set[str]:
 
 
 def shard_scorer(scorer: nn.Module, model: nn.Module, device_type: str = "cpu") -> nn.Module:
-    """Shard ``scorer`` (a CompletionScorer around ``model``) over all processes, in place.
+    """Shard ``scorer`` (a CompletionScorer around ``model``) over all processes, in place, with
+    every process's shards holding process 0's weights.
 
     Each module of :func:`layer_classes` becomes an FSDP unit, then ``scorer`` the root unit
     (embeddings, final norm, LM head). Parameters become DTensors sharded on dim 0; a frozen
     model (a reference: every ``requires_grad`` False) is sharded the same way and only ever
-    gathered for forwards. Needs an initialised process group. Returns ``scorer``.
+    gathered for forwards. Only process 0 needs real weights: the others may build the model on
+    the meta device (``dpokit.modeling.load_model(empty=True)``), so no process but the first
+    ever holds the whole model (:func:`load_from_rank0`). Needs an initialised process group.
+    Returns ``scorer``.
+
+    Raises ``ModelError`` when a process's model differs from process 0's (names, shapes or
+    dtypes of parameters and buffers, or the model config).
     """
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    check_same_model(scorer, model)
+    # Process 0's whole tensors, kept alive (no copy) past fully_shard, which replaces the
+    # parameters by shards: the others' shards are cut from them.
+    full = dict(scorer.state_dict()) if dist.get_rank() == 0 else {}
     names = layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in names]
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(scorer, mesh=mesh)
+    load_from_rank0(scorer, full, mesh_device(device_type))
     logger.info(
         "FSDP2: %d %s units + root over %d processes",
         len(layers),
@@ -76,6 +91,76 @@ def shard_scorer(scorer: nn.Module, model: nn.Module, device_type: str = "cpu") 
         dist.get_world_size(),
     )
     return scorer
+
+
+def mesh_device(device_type: str) -> torch.device:
+    """This process's device of ``device_type`` ("cpu", or the current accelerator index)."""
+    if device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device_type, torch.accelerator.current_device_index())
+
+
+def model_signature(scorer: nn.Module, model: nn.Module) -> dict:
+    """What must agree between processes before their shards can be filled from process 0:
+    (name, shape, dtype) of every parameter and buffer, and the model config as a dict."""
+    tensors = [
+        (name, tuple(t.shape), str(t.dtype))
+        for named in (scorer.named_parameters(), scorer.named_buffers())
+        for name, t in named
+    ]
+    config = getattr(model, "config", None)
+    return {
+        "tensors": tensors,
+        "config": config.to_dict() if config is not None else None,
+        "scorer path": {"fast": getattr(scorer, "fast", None)},  # chunked or exact: same FSDP calls
+    }
+
+
+def check_same_model(scorer: nn.Module, model: nn.Module) -> None:
+    """Raise ``ModelError`` on every process if any process built a model unlike process 0's
+    (e.g. an empty model built from a config that ``model_init_kwargs`` would have changed).
+    Collective; the signatures are small (names, shapes, config)."""
+    signatures = [None] * dist.get_world_size()
+    dist.all_gather_object(signatures, model_signature(scorer, model))
+    for rank, signature in enumerate(signatures[1:], start=1):
+        for part in ("tensors", "config", "scorer path"):
+            if signature[part] != signatures[0][part]:
+                mine, first = signature[part], signatures[0][part]
+                diff = [x for x in mine if x not in first] if part == "tensors" else None
+                if part != "tensors":
+                    diff = {k: v for k, v in mine.items() if first.get(k) != v}
+                raise ModelError(
+                    f"sharding=fsdp: process {rank} built a model whose {part} differ from "
+                    f"process 0's ({str(diff)[:300]}); its weights cannot come from process 0"
+                )
+
+
+def load_from_rank0(scorer: nn.Module, full: dict[str, torch.Tensor], device: torch.device):
+    """Fill every process's shards and buffers of the sharded ``scorer`` from process 0.
+
+    ``full``: on process 0 the whole state dict (tensors of any device), elsewhere ``{}``.
+    Parameters and buffers still on the meta device get storage first (``to_empty``; FSDP2
+    re-reads its sharded parameters at lazy init). Parameters: ``set_model_state_dict`` with
+    ``full_state_dict`` and ``broadcast_from_rank0`` (one tensor at a time, each process keeps
+    its slice). Buffers -- non-persistent ones such as RoPE's ``inv_freq`` are in no state dict
+    -- are broadcast from process 0 whole, as FSDP2 leaves them unsharded. Collective.
+
+    Raises ``RuntimeError`` if a parameter or buffer is still on the meta device afterwards.
+    """
+    if any(t.is_meta for t in (*scorer.parameters(), *scorer.buffers())):
+        scorer.to_empty(device=device)  # keeps tied parameters one object
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(scorer, full, options=options)
+    for buffer in scorer.buffers():
+        dist.broadcast(buffer, src=0)
+    left = [
+        name
+        for named in (scorer.named_parameters(), scorer.named_buffers())
+        for name, t in named
+        if t.is_meta or (isinstance(t, DTensor) and t.to_local().is_meta)
+    ]
+    if left:
+        raise RuntimeError(f"still on the meta device after loading from process 0: {left[:5]}")
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
