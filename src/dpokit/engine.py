@@ -4,8 +4,8 @@
 (resume) -> loop { micro-batches -> loss -> backward -> clip -> step -> log / eval / checkpoint }
 -> save. The method enters only through its table entry (:data:`dpokit.losses.METHODS`) and the
 per-batch step it names (:data:`dpokit.steps.STEPS`). The engine runs ONE training run; methods
-that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recipes`), and
-:func:`dpokit.recipes.run` is the entry point that picks between the two.
+that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recipes`, whose
+:func:`~dpokit.recipes.run` is the entry point).
 """
 
 from __future__ import annotations
@@ -105,13 +105,9 @@ class Trainer:
         fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
         self.run_dir.verify(fingerprint, len(self.train_data))  # another run's, a finished run
         self.dtype = resolve_dtype(config.dtype)
-        # FSDP2: only process 0 reads the weights; the others build on meta (dpokit.sharding).
-        self.policy = build_policy(
-            config,
-            self.dtype,
-            None if self.sharded else self.sharding,
-            self.sharded and not self.is_main,
-        )
+        # dpokit's FSDP2 keeps the chunked head; processes other than 0 build on meta
+        sharding, empty = (None, not self.is_main) if self.sharded else (self.sharding, False)
+        self.policy = build_policy(config, self.dtype, sharding, empty)
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             shard_scorer(self.policy, self.policy.model, self.accelerator.device.type)
         self.run_dir.prepare()  # overwrite=true: the earlier run is removed here
