@@ -3,9 +3,8 @@
 :class:`Trainer` reads top to bottom: accelerator -> data -> policy -> reference -> optimizer ->
 (resume) -> loop { micro-batches -> loss -> backward -> clip -> step -> log / eval / checkpoint }
 -> save. The method enters only through its table entry (:data:`dpokit.losses.METHODS`) and the
-per-batch step it names (:data:`dpokit.steps.STEPS`). The engine runs ONE training run; methods
-that chain several (SPIN, stepwise DPO) are recipes above it (:mod:`dpokit.recipes`, whose
-:func:`~dpokit.recipes.run` is the entry point).
+per-batch step it names (:data:`dpokit.steps.STEPS`). The engine runs ONE training run; SPIN and
+stepwise DPO chain several, as recipes above it (:mod:`dpokit.recipes`, entry point ``run``).
 """
 
 from __future__ import annotations
