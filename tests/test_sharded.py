@@ -188,13 +188,17 @@ def test_sharded_loading_reads_weights_on_process_0_only(tied, lora, tmp_path):
 
 
 def test_dpo_sharded_equals_one_process_and_saves_loadable_weights(tiny_dir, tmp_path):
+    """15 rows: the last step gives one process 2 rows and the other 1; with decoder passes of
+    16 tokens each row would be a pass of its own, so the processes would gather their layers a
+    different number of times (a hang): under FSDP2 the decoder runs one pass per batch."""
     values = dict(
         COMMON,
         method="dpo",
         model=tiny_dir,
         max_steps=4,
         save_steps=2,
-        data=write_pairs(tmp_path / "pairs.jsonl", rows=16),
+        decoder_pass_tokens=16,
+        data=write_pairs(tmp_path / "pairs.jsonl", rows=15),
     )
     two, one = tmp_path / "two", tmp_path / "one"
     output = two_sharded(dict(values, reference_cache_dir=tmp_path / "c2"), two, 2, tmp_path)
@@ -204,7 +208,7 @@ def test_dpo_sharded_equals_one_process_and_saves_loadable_weights(tiny_dir, tmp
     train_records = assert_same_losses(two, one, ("loss", "logps/chosen", "rewards/margins"))
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.01  # it trained
     # The reference table was scored by the sharded policy on its chunked path.
-    two_table, one_table = cached_table(tmp_path / "c2", 16), cached_table(tmp_path / "c1", 16)
+    two_table, one_table = cached_table(tmp_path / "c2", 15), cached_table(tmp_path / "c1", 15)
     torch.testing.assert_close(two_table["logps"], one_table["logps"], atol=1e-5, rtol=0)
     assert_same_weights(two / "final" / "model.safetensors", one / "final" / "model.safetensors")
     AutoModelForCausalLM.from_pretrained(str(two / "final"))  # gathered, plain checkpoint

@@ -67,14 +67,20 @@ def shard_scorer(scorer: nn.Module, model: nn.Module, device_type: str = "cpu") 
     model (a reference: every ``requires_grad`` False) is sharded the same way and only ever
     gathered for forwards. Only process 0 needs real weights: the others may build the model on
     the meta device (``dpokit.modeling.load_model(empty=True)``), so no process but the first
-    ever holds the whole model (:func:`load_from_rank0`). Needs an initialised process group.
-    Returns ``scorer``.
+    ever holds the whole model (:func:`load_from_rank0`). The scorer's decoder then runs one
+    pass per batch (``pass_tokens`` None): each pass gathers every layer, so the processes must
+    run the same number. Needs an initialised process group. Returns ``scorer``.
 
     Raises ``ModelError`` when a process's model differs from process 0's (names, shapes or
     dtypes of parameters and buffers, or the model config).
     """
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     check_same_model(scorer, model)
+    if getattr(scorer, "pass_tokens", None) is not None:
+        # Every decoder pass all-gathers each layer: processes must run the same number of
+        # passes, and rows split into groups by length would give each its own count (a hang).
+        logger.info("FSDP2: decoder_pass_tokens=%s ignored: one pass per batch", scorer.pass_tokens)
+        scorer.pass_tokens = None
     # Process 0's whole tensors, kept alive (no copy) past fully_shard, which replaces the
     # parameters by shards: the others' shards are cut from them.
     full = dict(scorer.state_dict()) if dist.get_rank() == 0 else {}
