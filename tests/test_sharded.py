@@ -34,6 +34,7 @@ from dpokit.config import ConfigError, TrainConfig
 from dpokit.distributed import own_sharding
 from dpokit.logprobs import full_logits_logps
 from dpokit.metrics import read_metrics
+from dpokit.sharding import check_layout
 from dpokit.tiny import build_tiny_model, build_tiny_tokenizer
 from multiproc import REPO, child_env, free_port, run, torchrun_command
 from test_distributed import (
@@ -364,3 +365,17 @@ def test_sigkill_of_a_sharded_run_then_resume_equals_an_uninterrupted_run(tiny_d
     assert_same_losses(run_dir, tmp_path / "one")
     final = "final/model.safetensors"
     assert_same_weights(run_dir / final, tmp_path / "one" / final)
+
+
+def test_a_checkpoint_of_the_other_layout_is_refused_in_one_line(tmp_path):
+    """A sharded checkpoint (FSDP2's ``sharded/``) resumed unsharded, e.g. on 1 process with
+    resume=force, used to fail looking for pytorch_model.bin; and the other way round."""
+    sharded, whole = tmp_path / "step-2", tmp_path / "step-3"
+    (sharded / "sharded").mkdir(parents=True)
+    whole.mkdir()
+    check_layout(sharded, True)
+    check_layout(whole, False)
+    with pytest.raises(ConfigError, match=r"holds sharded .* this run is unsharded"):
+        check_layout(sharded, False)
+    with pytest.raises(ConfigError, match=r"holds unsharded .* this run is sharded"):
+        check_layout(whole, True)

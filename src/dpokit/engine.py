@@ -102,7 +102,7 @@ class Trainer:
             check_positions(name, config.max_length, longest)  # model config only, no weights
         processes = self.accelerator.num_processes
         fingerprint = trajectory_fingerprint(config, self.train_data, self.eval_data, processes)
-        self.run_dir.verify(fingerprint, len(self.train_data))  # another run's, a finished run
+        self.run_dir.verify(fingerprint, len(self.train_data), self.sharded)  # whose? finished?
         self.dtype = resolve_dtype(config.dtype)
         # dpokit's FSDP2 keeps the chunked head; processes other than 0 build on meta
         sharding, empty = (None, not self.is_main) if self.sharded else (self.sharding, False)

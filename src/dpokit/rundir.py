@@ -53,6 +53,7 @@ from dpokit.config import ConfigError, TrainConfig
 from dpokit.errors import PathError
 from dpokit.hashing import sha256_hex
 from dpokit.optim import count_steps, resolve_warmup
+from dpokit.sharding import check_layout
 
 logger = logging.getLogger("dpokit")
 
@@ -347,7 +348,7 @@ class RunDirectory:
         self.resume_from: Path | None = None
         self.changed: dict[str, list] = {}
 
-    def verify(self, fingerprint: dict, rows: int) -> Path | None:
+    def verify(self, fingerprint: dict, rows: int, sharded: bool = False) -> Path | None:
         """On resume, what this run continues: the newest complete checkpoint (or None to start
         at step 0, said in a warning), checked against ``fingerprint``; ``rows``: the training
         rows (the run's ``max_steps`` follows, :func:`planned_steps`).
@@ -355,7 +356,8 @@ class RunDirectory:
         Raises `ConfigError` for a run that finished at ``max_steps`` or later (nothing to
         continue: the message says to raise ``max_steps``), for a finished run with no
         checkpoint to continue from, and on a fingerprint mismatch (unless ``resume=force``);
-        `PathError` for a directory holding a run without ``run.json``."""
+        `PathError` for a directory holding a run without ``run.json``; and `ConfigError` for a
+        checkpoint of the other layout than ``sharded`` (:func:`dpokit.sharding.check_layout`)."""
         self.fingerprint = fingerprint
         if self.config.resume == "false":
             return None
@@ -368,6 +370,7 @@ class RunDirectory:
             old = state.get("fingerprint")
             if old is None:
                 old = {"fingerprint": "none (a checkpoint of an older dpokit)"}
+            check_layout(latest, sharded)
             self.changed = compare(self.config, str(latest), old, fingerprint)
             self.resume_from = latest
             return latest

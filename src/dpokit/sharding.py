@@ -39,7 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from dpokit.errors import ModelError
+from dpokit.errors import ConfigError, ModelError
 
 logger = logging.getLogger("dpokit")
 
@@ -200,3 +200,18 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     elsewhere). Collective: every process calls it. Peaks at one full copy on process 0."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def check_layout(checkpoint: Path, sharded: bool) -> None:
+    """Refuse, in one `ConfigError` line, a checkpoint this run cannot load whatever ``resume``
+    says: FSDP2's sharded state (``sharded/``) into an unsharded run, or whole weights into a
+    sharded one."""
+    held = (checkpoint / "sharded").is_dir()
+    if held == sharded:
+        return
+    kinds = {True: "sharded (sharding=fsdp, 2 or more processes)", False: "unsharded"}
+    raise ConfigError(
+        f"resume: {checkpoint} holds {kinds[held]} weights and optimizer state, and this run is "
+        f"{kinds[sharded]}: resume it the way it was saved (the same sharding; a sharded "
+        "checkpoint loads into any number of processes above 1)"
+    )
