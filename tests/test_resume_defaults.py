@@ -48,7 +48,8 @@ def test_resume_of_a_finished_run_is_refused_and_raising_max_steps_continues_it(
     with pytest.raises(ConfigError) as caught:
         train(config_for(tiny_dir, data, run_dir, max_steps=3, warmup_steps=0, resume="true"))
     assert str(caught.value) == (
-        f"resume: the run in {run_dir} finished at step 3 (max_steps 3; its model is in "
+        f"resume: the run in {run_dir} finished at step 3 (this command's max_steps: 3; its "
+        f"model is in "
         f"{run_dir / 'final'}): nothing to resume; to train further, resume with max_steps "
         "above 3 (it continues from step-3; a linear or cosine schedule also needs resume=force)"
     )

@@ -308,8 +308,8 @@ def check_unfinished(path: Path, record: dict | None, latest: Path | None, max_s
             f"{path / 'final'} in another output_dir"
         )
         raise ConfigError(
-            f"resume: the run in {path} finished at step {finished} (max_steps {max_steps}; "
-            f"its model is in {path / 'final'}): nothing to resume; {more}"
+            f"resume: the run in {path} finished at step {finished} (this command's max_steps: "
+            f"{max_steps}; its model is in {path / 'final'}): nothing to resume; {more}"
         )
     if saved is None:
         raise ConfigError(
