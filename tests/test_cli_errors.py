@@ -196,6 +196,17 @@ def test_model_path_that_is_a_file(tmp_path, tiny_dir, capsys):
     assert error_line(capsys).startswith(f"model={weights}: is a file; give the directory")
 
 
+def test_conversational_prompts_are_named_not_called_missing(tmp_path, tiny_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    messages = [{"role": "user", "content": "Hi?"}]
+    prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps({"prompt": messages}))
+    assert main(["eval", "--model", str(tiny_dir), "--prompts", str(prompts)]) == EXIT_CONFIG
+    assert error_line(capsys) == (
+        f"{prompts}, line 2: `prompt` must be a string, got list; message lists are not taken "
+        "by `dpokit eval` (render them with the model's chat template first)"
+    )
+
+
 def test_prompts_file_that_is_not_utf8(tmp_path, tiny_dir, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"first prompt\nsecond \xff prompt\n")

@@ -186,8 +186,14 @@ def _read_prompts(path: str) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        if not isinstance(row, dict) or "prompt" not in row:
             raise ConfigError(f"{path}, line {number}: expected an object with a `prompt`")
+        if not isinstance(row["prompt"], str):
+            raise ConfigError(
+                f"{path}, line {number}: `prompt` must be a string, got "
+                f"{type(row['prompt']).__name__}; message lists are not taken by `dpokit eval` "
+                "(render them with the model's chat template first)"
+            )
         prompts.append(row["prompt"])
     return prompts
 
