@@ -34,6 +34,7 @@ from dpokit.trl_translate import (
     translate,
     unknown_keys_message,
 )
+from dpokit.yaml_config import read_yaml, yaml_problem
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ class TrainConfig:
         key is spelt dpokit's way or TRL's)."""
         merged: dict[str, Any] = {}
         if path is not None:
-            loaded = _read_yaml(Path(path)) or {}
+            loaded = read_yaml(Path(path)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: a config file must be a YAML mapping")
             merge_settings(merged, loaded)
@@ -405,7 +406,7 @@ class TrainConfig:
                 command_line[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as err:
                 raise ConfigError(
-                    f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})"
+                    f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})"
                 ) from None
         merge_settings(merged, command_line)
         return cls.from_dict(merged)
@@ -417,51 +418,6 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML that :meth:`load` reads back to an equal config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def _read_yaml(path: Path) -> Any:
-    """A YAML file's content; `ConfigError` naming the file (and line, column) if it cannot be
-    read, is not UTF-8 or is not valid YAML."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        line = err.object[: err.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})"
-        ) from None
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {_yaml_problem(err)}") from None
-
-
-def _yaml_problem(err: Exception) -> str:
-    problem = getattr(err, "problem", None)
-    context = getattr(err, "context", None)
-    return " ".join(part for part in (context, problem) if part) or str(err).splitlines()[0]
 
 
 def _method_spec(method_name: Any) -> MethodSpec:
