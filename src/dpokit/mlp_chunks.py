@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dpokit.distributed import no_split_modules
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["chunk_mlps", "chunked_forward"]
@@ -53,16 +55,6 @@ def _contiguous_forward(forward, piece: Tensor) -> Tensor:
     return forward(piece.contiguous())
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a transformers causal LM (or a peft model around one): the
-    decoder's ``layers`` (Llama, Qwen, Mistral, Gemma, Phi-3, OPT, ...) or ``h`` (GPT-2)."""
-    get_base = getattr(model, "get_base_model", None)  # peft
-    base = get_base() if callable(get_base) else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
-
-
 def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
     """Make each decoder layer's MLP run over chunks of ``chunk_tokens`` positions, recomputed
     chunk by chunk in backward (:func:`chunked_forward`). Only modules whose class name ends
@@ -76,8 +68,9 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> int:
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    layer_names = set(no_split_modules(model) or ())  # the decoder layers' classes
     changed = 0
-    for layer in _layers(model):
+    for layer in (m for m in model.modules() if type(m).__name__ in layer_names):
         mlp = getattr(layer, "mlp", None)
         if isinstance(mlp, nn.Module) and type(mlp).__name__.endswith("MLP"):
             mlp.forward = partial(chunked_forward, type(mlp).forward.__get__(mlp), chunk_tokens)

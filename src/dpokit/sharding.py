@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from dpokit.distributed import no_split_modules
 from dpokit.errors import ConfigError, ModelError
 
 logger = logging.getLogger("dpokit")
@@ -50,10 +51,9 @@ def layer_classes(model: nn.Module) -> set[str]:
     """Class names of the blocks that become FSDP units: transformers' ``_no_split_modules`` of
     the (peft-unwrapped) model, e.g. ``{"LlamaDecoderLayer"}``. Raises ``ValueError`` if the model
     names none (sharding would then hold the whole model in one unit: no memory saved)."""
-    get_base = getattr(model, "get_base_model", None)  # peft
-    base = get_base() if callable(get_base) else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
+    names = set(no_split_modules(model) or ())
     if not names:
+        base = getattr(model, "get_base_model", lambda: model)()  # peft: name the model inside
         raise ValueError(f"{type(base).__name__} names no _no_split_modules to shard by")
     return names
 
