@@ -35,12 +35,10 @@ def _first_step(history: list[dict]) -> dict:
 # dpokit
 
 
-def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
-    """``dpokit.train`` with the engine's defaults, plus ``overrides`` (config key -> value)."""
-    from dpokit.config import TrainConfig
-    from dpokit.engine import Trainer
-
-    values = {
+def dpokit_settings(work: dict, steps: int, scratch: Path) -> dict:
+    """The dpokit config every benchmark run starts from (fp32, constant lr, no shuffling, a
+    fresh reference cache in ``scratch``); a contender's overrides go on top."""
+    return {
         "method": "dpo",
         "beta": BETA,
         "model": work["model"],
@@ -59,6 +57,14 @@ def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
         "mixed_precision": "no",
         "dtype": "float32",
     }
+
+
+def run_dpokit(work: dict, steps: int, overrides: dict, scratch: Path) -> dict:
+    """``dpokit.train`` with the engine's defaults, plus ``overrides`` (config key -> value)."""
+    from dpokit.config import TrainConfig
+    from dpokit.engine import Trainer
+
+    values = dpokit_settings(work, steps, scratch)
     values.update(overrides)
     config = TrainConfig.from_dict(values)
     start = time.perf_counter()

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_memory import parse_overrides, workloads  # noqa: E402
-from contenders import BETA, LEARNING_RATE  # noqa: E402
+from contenders import dpokit_settings  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -101,27 +101,8 @@ def build_trainer(work: dict, steps: int, overrides: dict, scratch: Path):
     from dpokit.config import TrainConfig
     from dpokit.engine import Trainer
 
-    values = {
-        "method": "dpo",
-        "beta": BETA,
-        "model": work["model"],
-        "data": work["data"],
-        "output_dir": str(scratch / "run"),
-        "reference_cache_dir": str(scratch / "reference-cache"),
-        "batch_size": 1,
-        "max_steps": steps,
-        "learning_rate": LEARNING_RATE,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-        "max_length": work["max_length"],
-        "max_prompt_length": work["max_length"] - 1,
-        "shuffle": False,
-        "progress": False,
-        "mixed_precision": "no",
-        "dtype": "float32",
-        "gradient_checkpointing": True,
-        **overrides,
-    }
+    values = {**dpokit_settings(work, steps, scratch), "gradient_checkpointing": True}
+    values.update(overrides)
     return Trainer(TrainConfig.from_dict(values))
 
 
